@@ -1,0 +1,281 @@
+"""Command-line interface: argument parsing and error reporting only.
+
+Heavy modules (numpy, pyfuse3, obstore) are imported inside the commands that use them so
+that ``cafuse --help`` and the mount helper start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import CafuseError
+
+log = logging.getLogger("cafuse")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where to look."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _default_threads() -> int:
+    return max(4, 2 * (os.cpu_count() or 2))
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _open_stores(locations: Sequence[str] | None, *, required: bool = True) -> list:
+    from .stores import open_store
+
+    if not locations:
+        if required:
+            raise CafuseError("no chunk store given: add --store DIR")
+        return []
+    return [open_store(loc) for loc in locations]
+
+
+def _source(args: argparse.Namespace, digest: str):
+    from .fetch import ChunkSource
+    from .seed import Seed
+
+    seeds = [Seed.parse(spec) for spec in getattr(args, "seed", None) or []]
+    for seed in seeds:
+        if seed.index.digest != digest:
+            raise CafuseError(f"seed {seed.path} uses digest {seed.index.digest} but the index "
+                              f"uses {digest}: seeds must be made with the same --digest")
+    stores = _open_stores(args.store, required=not seeds)
+    return ChunkSource(digest, stores, seeds)
+
+
+def _read_index(path: str):
+    from .index import read_index
+
+    return read_index(path)
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    from .chunker import DEFAULT_SIZES, ChunkSizes
+    from .codec import COMPRESSIONS
+    from .make import make
+    from .stores import open_store
+
+    sizes = ChunkSizes.parse(args.chunk_size) if args.chunk_size else DEFAULT_SIZES
+    if args.compression not in COMPRESSIONS:
+        raise CafuseError(f"unknown compression {args.compression!r}")
+    if not 1 <= args.level <= 22:
+        raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
+    store = open_store(args.store, writable=True)
+    result = make(args.index, args.file, store, digest=args.digest, sizes=sizes,
+                  compression=args.compression, level=args.level, threads=args.threads)
+    print(result.summary(args.index))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+
+    index = _read_index(args.index)
+    source = _source(args, index.digest)
+    result = extract(index, args.output, source, in_place=args.in_place, threads=args.threads)
+    print(result.summary(args.output))
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    from .cat import cat
+
+    index = _read_index(args.index)
+    source = _source(args, index.digest)
+    try:
+        cat(index, source, sys.stdout.buffer, args.offset, args.length, threads=args.threads)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .inspect import index_info, store_presence
+
+    index = _read_index(args.index)
+    info = index_info(index)
+    for store in _open_stores(args.store, required=False):
+        info.setdefault("stores", {})[store.url] = store_presence(index, store)
+    if args.json:
+        _print_json(info)
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for sub, subvalue in value.items():
+                print(f"  {sub}: {subvalue}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .inspect import verify_store
+    from .stores import open_store
+
+    index = _read_index(args.index)
+    store = open_store(args.store)
+    report = verify_store(index, store, repair=args.repair, threads=args.threads)
+    bad = len(report.missing) + len(report.corrupt)
+    print(f"{args.store}: {report.checked} chunks checked, {len(report.missing)} missing, "
+          f"{len(report.corrupt)} corrupt" + (f", {report.repaired} deleted" if args.repair
+                                              else ""))
+    if bad:
+        first = (report.corrupt + report.missing)[0].hex()
+        hint = ("re-run make or copy the chunks back" if args.repair
+                else "run with --repair to delete corrupt chunks, then re-run make")
+        raise CafuseError(f"store {args.store} is incomplete for {args.index} "
+                          f"(first bad chunk {first}): {hint}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .inspect import collect_garbage
+    from .stores import open_store
+
+    indexes = [_read_index(path) for path in args.indexes]
+    store = open_store(args.store)
+    report = collect_garbage(store, indexes, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.store}: kept {report.kept} chunks, {verb} {report.deleted}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
+    p.add_argument("--store", "-s", action="append", metavar="STORE",
+                   help="chunk store to read from; repeat to try several in order")
+    if seeds:
+        p.add_argument("--seed", action="append", metavar="SEED_INDEX:SEED_FILE",
+                       help="local image whose chunks are used before any store; repeatable")
+    p.add_argument("--threads", type=_positive_int, default=_default_threads(),
+                   help="worker threads (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cafuse", description="casync-compatible chunk stores and indexes, "
+                     "mounted lazily through FUSE.")
+    parser.add_argument("--version", action="version", version=f"cafuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("make", help="chunk an image into a store and write its index")
+    p.add_argument("index", metavar="INDEX", help="index file to write (.caibx)")
+    p.add_argument("file", metavar="FILE", help="image file or block device to read")
+    p.add_argument("--store", "-s", required=True, help="chunk store to write to")
+    p.add_argument("--digest", choices=("blake3", "sha512-256", "sha256"), default="blake3",
+                   help="chunk id digest; sha512-256 or sha256 for casync/desync "
+                   "(default: %(default)s)")
+    p.add_argument("--chunk-size", metavar="[MIN:]AVG[:MAX]",
+                   help="chunk sizes, e.g. 64K or 16K:64K:256K (default 16K:64K:256K)")
+    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    p.add_argument("--level", type=int, default=3, help="zstd level (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 2,
+                   help="hashing/compression threads (default: %(default)s)")
+    p.set_defaults(handler=cmd_make)
+
+    p = sub.add_parser("extract", help="rebuild an image from its index")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("output", metavar="OUTPUT", help="file or block device to write")
+    _add_source_options(p)
+    p.add_argument("--in-place", action="store_true",
+                   help="write into OUTPUT directly, keeping chunks it already holds")
+    p.set_defaults(handler=cmd_extract)
+
+    p = sub.add_parser("cat", help="write (part of) an image to stdout")
+    p.add_argument("index", metavar="INDEX")
+    _add_source_options(p)
+    p.add_argument("--offset", type=_nonnegative_int, default=0)
+    p.add_argument("--length", type=_nonnegative_int, default=None)
+    p.set_defaults(handler=cmd_cat)
+
+    p = sub.add_parser("info", help="describe an index (and what a store holds of it)")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("--store", "-s", action="append", metavar="STORE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("verify", help="check every chunk of an index in a store")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("--store", "-s", required=True)
+    p.add_argument("--repair", action="store_true", help="delete corrupt chunks")
+    p.add_argument("--threads", type=_positive_int, default=_default_threads())
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("gc", help="delete chunks that no given index references")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("indexes", metavar="INDEX", nargs="+")
+    p.add_argument("--dry-run", "-n", action="store_true", help="only count")
+    p.set_defaults(handler=cmd_gc)
+
+    from .mount.cli import add_mount_commands  # light: no pyfuse3 import at this point
+
+    add_mount_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="cafuse: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CafuseError as exc:
+        print(f"cafuse: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cafuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

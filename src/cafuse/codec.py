@@ -1,0 +1,73 @@
+"""Chunk compression: zstd on write; zstd, xz, gzip or none on read, recognised by magic bytes."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import threading
+
+import zstandard
+
+from .errors import CafuseError
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd\x37\x7a\x58\x5a\x00"
+GZIP_MAGIC = b"\x1f\x8b"
+
+COMPRESSIONS = ("zstd", "none")
+
+_local = threading.local()
+
+
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    comp = cache.get(level)
+    if comp is None:
+        comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return comp
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def compress(data: bytes | memoryview, compression: str = "zstd", level: int = 3) -> bytes:
+    """Compress chunk data for storage."""
+    if compression == "zstd":
+        return _zstd_compressor(level).compress(data)
+    if compression == "none":
+        return bytes(data)
+    raise CafuseError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
+
+
+def decompress(blob: bytes, max_size: int) -> bytes:
+    """Decompress a stored chunk by its magic bytes; anything else is taken as uncompressed.
+
+    ``max_size`` bounds the output so a hostile chunk cannot exhaust memory.
+    Raises ``ValueError`` on corrupt data (the caller reports it with the chunk id).
+    """
+    if blob.startswith(ZSTD_MAGIC):
+        try:
+            return _zstd_decompressor().decompress(blob, max_output_size=max_size)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"bad zstd data: {exc}") from None
+    if blob.startswith(XZ_MAGIC):
+        try:
+            dec = lzma.LZMADecompressor()
+            out = dec.decompress(blob, max_length=max_size + 1)
+        except lzma.LZMAError as exc:
+            raise ValueError(f"bad xz data: {exc}") from None
+        if len(out) > max_size:
+            raise ValueError("xz data larger than the maximum chunk size")
+        return out
+    if blob.startswith(GZIP_MAGIC):
+        try:
+            return gzip.decompress(blob)[: max_size + 1]
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"bad gzip data: {exc}") from None
+    return blob

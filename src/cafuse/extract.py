@@ -1,0 +1,178 @@
+"""``cafuse extract``: rebuild an image from its index, reading each distinct chunk once.
+
+Chunks are grouped by id (one sort of the ids' 8-byte keys, vectorised), groups are handed
+in blob order to worker threads, and each worker gets its chunk once (seeds first, then
+stores, verified) and writes it at every position it occurs. Zero chunks are never fetched:
+a new output is truncated to size, so they stay holes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CafuseError
+from .fetch import ChunkSource
+from .index import Index
+from .output import Output
+from .progress import Progress
+from .sizes import format_size
+
+log = logging.getLogger(__name__)
+
+GROUPS_PER_TASK = 64
+
+
+@dataclass
+class ExtractResult:
+    """Bytes of the image by where they came from."""
+
+    from_seeds: int = 0
+    from_output: int = 0
+    from_stores: int = 0
+    zero: int = 0
+    fetched_stored_bytes: int = 0
+    seconds: float = 0.0
+    by_origin: dict[str, int] = field(default_factory=dict)
+
+    def summary(self, path: str) -> str:
+        total = self.from_seeds + self.from_output + self.from_stores + self.zero
+        rate = total / self.seconds / 1e6 if self.seconds else 0.0
+        return (f"{path}: {format_size(total)} written; from seeds "
+                f"{format_size(self.from_seeds)}, already in output "
+                f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
+                f"({format_size(self.fetched_stored_bytes)} fetched), zero "
+                f"{format_size(self.zero)}; {rate:.0f} MB/s")
+
+
+def group_chunks(index: Index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the selected chunks grouped by id key, groups in blob order.
+
+    Returns ``(positions, bounds)``: group g is ``positions[bounds[g]:bounds[g+1]]``.
+    Chunks sharing a key but not the full id are told apart by the worker.
+    """
+    selected = np.flatnonzero(mask)
+    if not len(selected):
+        return selected, np.zeros(1, dtype=np.int64)
+    keys = index.id_keys()[selected]
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    is_start = np.empty(len(keys), dtype=bool)
+    is_start[0] = True
+    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group_of = np.cumsum(is_start) - 1
+    # the stable sort puts each group's smallest position first: order groups by it
+    first_position = selected[order][is_start]
+    final = np.lexsort((selected[order], first_position[group_of]))
+    positions = selected[order][final]
+    lengths = np.bincount(group_of)[np.argsort(first_position, kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return positions, bounds
+
+
+class _Extractor:
+    def __init__(self, index: Index, output: Output, source: ChunkSource) -> None:
+        self.index = index
+        self.output = output
+        self.source = source
+        self.starts = index.starts
+        self.sizes = index.sizes
+
+    def write_group(self, positions: np.ndarray) -> dict[str, int]:
+        """Fetch one chunk (or a rare key collision's several) and write it everywhere."""
+        tally: dict[str, int] = {}
+        have: dict[bytes, tuple[bytes, str]] = {}
+        pending: list[tuple[int, bytes, int]] = []
+        for pos in positions.tolist():
+            chunk_id = self.index.chunk_id(pos)
+            size = int(self.sizes[pos])
+            start = int(self.starts[pos])
+            if self.output.reuses_content:
+                existing = self.output.read(size, start)
+                if self.source.verify(chunk_id, existing, size):
+                    tally["output"] = tally.get("output", 0) + size
+                    have.setdefault(chunk_id, (existing, "output"))
+                    continue
+            pending.append((start, chunk_id, size))
+        for start, chunk_id, size in pending:
+            if chunk_id not in have:
+                have[chunk_id] = self.source.get(chunk_id, size)
+            data, origin = have[chunk_id]
+            tally[origin] = tally.get(origin, 0) + size
+            self.output.write(data, start)
+        return tally
+
+    def write_zero(self, positions: np.ndarray) -> int:
+        """Zero chunks on an output that may hold old data: zero only what is not zero."""
+        done = 0
+        for pos in positions.tolist():
+            size, start = int(self.sizes[pos]), int(self.starts[pos])
+            if self.output.read(size, start).count(0) != size:
+                self.output.zero(start, size)
+            done += size
+        return done
+
+
+def extract(index: Index, output_path: str, source: ChunkSource, *, in_place: bool = False,
+            threads: int = 8, progress: bool | None = None) -> ExtractResult:
+    started = time.monotonic()
+    result = ExtractResult()
+    zero = index.zero_mask
+    positions, bounds = group_chunks(index, ~zero)
+    output = Output(output_path, index.blob_size, in_place)
+    worker = _Extractor(index, output, source)
+    bar = Progress(index.blob_size, "extract", progress)
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="extract") as pool:
+            result.zero = int(index.sizes[zero].sum())
+            if output.reuses_content:
+                zero_pos = np.flatnonzero(zero)
+                for lo in range(0, len(zero_pos), 4096):
+                    worker.write_zero(zero_pos[lo:lo + 4096])
+            bar.update(result.zero)
+
+            def run(lo: int, hi: int) -> dict[str, int]:
+                total: dict[str, int] = {}
+                for g in range(lo, hi):
+                    for origin, n in worker.write_group(positions[bounds[g]:bounds[g + 1]]).items():
+                        total[origin] = total.get(origin, 0) + n
+                return total
+
+            pending: deque[Future[dict[str, int]]] = deque()
+
+            def collect(future: Future[dict[str, int]]) -> None:
+                for origin, n in future.result().items():
+                    result.by_origin[origin] = result.by_origin.get(origin, 0) + n
+                    bar.update(n)
+
+            groups = len(bounds) - 1
+            for lo in range(0, groups, GROUPS_PER_TASK):
+                pending.append(pool.submit(run, lo, min(lo + GROUPS_PER_TASK, groups)))
+                while len(pending) > 4 * threads:
+                    collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+    except BaseException:
+        output.abort()
+        raise
+    bar.close()
+    try:
+        output.commit()
+    except OSError as exc:
+        raise CafuseError(f"{output_path}: cannot finish writing: {exc.strerror}") from None
+    for origin, n in result.by_origin.items():
+        if origin == "output":
+            result.from_output += n
+        elif origin == "seed":
+            result.from_seeds += n
+        else:
+            result.from_stores += n
+    result.fetched_stored_bytes = sum(
+        c.stored_bytes for c in source.stats.origins.values())
+    result.seconds = time.monotonic() - started
+    return result

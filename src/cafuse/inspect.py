@@ -1,0 +1,146 @@
+"""``cafuse info``, ``verify`` and ``gc``: look at an index and keep a store healthy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codec import decompress
+from .digest import hash_function
+from .index import Index
+from .progress import Progress
+from .stores import ChunkStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def index_info(index: Index) -> dict[str, object]:
+    sizes = index.sizes
+    distinct = index.distinct_positions()
+    zero = index.zero_mask
+    info: dict[str, object] = {
+        "digest": index.digest,
+        "flags": f"{index.flags:#018x}",
+        "chunk_size_min": index.chunk_min,
+        "chunk_size_avg": index.chunk_avg,
+        "chunk_size_max": index.chunk_max,
+        "chunks": index.chunk_count,
+        "blob_size": index.blob_size,
+        "unique_chunks": len(distinct),
+        "unique_bytes": int(sizes[distinct].sum()) if len(distinct) else 0,
+        "zero_chunks": int(zero.sum()),
+        "zero_bytes": int(sizes[zero].sum()),
+    }
+    if index.chunk_count:
+        info["chunk_sizes"] = {
+            "smallest": int(sizes.min()),
+            "p10": int(np.percentile(sizes, 10)),
+            "median": int(np.median(sizes)),
+            "mean": int(sizes.mean()),
+            "p90": int(np.percentile(sizes, 90)),
+            "largest": int(sizes.max()),
+        }
+    return info
+
+
+def store_presence(index: Index, store: ChunkStore, threads: int = 16) -> dict[str, int]:
+    """How many distinct chunks the store has and lacks (existence only, not contents)."""
+    distinct = index.distinct_positions()
+    with ThreadPoolExecutor(threads) as pool:
+        present = sum(pool.map(lambda pos: store.has(index.chunk_id(int(pos))), distinct,
+                               chunksize=256))
+    return {"present": int(present), "missing": len(distinct) - int(present)}
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    missing: list[bytes] = field(default_factory=list)
+    corrupt: list[bytes] = field(default_factory=list)
+    repaired: int = 0
+
+
+def verify_store(index: Index, store: ChunkStore, *, repair: bool = False, threads: int = 8,
+                 progress: bool | None = None) -> VerifyReport:
+    """Read every distinct chunk the index names, decompress it and check its digest."""
+    hash_chunk = hash_function(index.digest)
+    distinct = index.distinct_positions()
+    report = VerifyReport()
+    bar = Progress(len(distinct), "verify", progress)
+
+    def check(pos: int) -> tuple[bytes, str]:
+        chunk_id = index.chunk_id(pos)
+        start, end = index.span(pos)
+        try:
+            blob = store.get(chunk_id)
+        except StoreError as exc:
+            return chunk_id, f"error: {exc}"
+        if blob is None:
+            return chunk_id, "missing"
+        try:
+            data = decompress(blob, end - start)
+        except ValueError:
+            return chunk_id, "corrupt"
+        if len(data) != end - start or hash_chunk(data) != chunk_id:
+            return chunk_id, "corrupt"
+        return chunk_id, "ok"
+
+    with ThreadPoolExecutor(threads) as pool:
+        for chunk_id, verdict in pool.map(check, distinct.tolist(), chunksize=64):
+            report.checked += 1
+            bar.update(1)
+            if verdict == "missing":
+                report.missing.append(chunk_id)
+            elif verdict != "ok":
+                report.corrupt.append(chunk_id)
+                log.warning("chunk %s %s", chunk_id.hex(), verdict)
+                if repair and verdict == "corrupt":
+                    store.delete(chunk_id)
+                    report.repaired += 1
+    bar.close()
+    return report
+
+
+@dataclass
+class GcReport:
+    kept: int = 0
+    deleted: int = 0
+
+
+def collect_garbage(store: ChunkStore, indexes: Iterable[Index], *,
+                    dry_run: bool = False) -> GcReport:
+    """Delete every chunk no index references.
+
+    Membership is decided by the ids' first 8 bytes: a key collision can only keep an
+    unreferenced chunk, never delete a referenced one.
+    """
+    keys = [index.id_keys() for index in indexes]
+    referenced = np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype="<u8")
+    report = GcReport()
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        batch_keys = np.frombuffer(b"".join(c[:8] for c in batch), dtype="<u8")
+        pos = np.minimum(np.searchsorted(referenced, batch_keys), max(len(referenced) - 1, 0))
+        used = referenced[pos] == batch_keys if len(referenced) else np.zeros(len(batch), bool)
+        for chunk_id, keep in zip(batch, used.tolist(), strict=True):
+            if keep:
+                report.kept += 1
+            else:
+                report.deleted += 1
+                if not dry_run:
+                    store.delete(chunk_id)
+        batch.clear()
+
+    for chunk_id in store.iter_ids():
+        batch.append(chunk_id)
+        if len(batch) >= 65536:
+            flush()
+    flush()
+    return report

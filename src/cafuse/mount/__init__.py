@@ -1,0 +1,1 @@
+"""Mounting an index as a read-only file through FUSE."""

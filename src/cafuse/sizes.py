@@ -1,0 +1,26 @@
+"""Human sizes: parsing ``64K``/``1.5G`` style arguments and formatting byte counts."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import CafuseError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise CafuseError(f"bad {what} {text!r}: expected a number with an optional "
+                          "K, M, G or T suffix (e.g. 64K)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

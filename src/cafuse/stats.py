@@ -1,0 +1,58 @@
+"""Counters of where chunk bytes came from, shared by every job and the mount daemon."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class OriginCounter:
+    chunks: int = 0
+    bytes: int = 0
+    stored_bytes: int = 0  # bytes as read from the store (compressed), what crossed the wire
+
+
+@dataclass
+class FetchStats:
+    """Thread-safe tallies per origin (a seed, the output, a store, memory, zero)."""
+
+    origins: dict[str, OriginCounter] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, origin: str, nbytes: int, stored_bytes: int = 0, chunks: int = 1) -> None:
+        with self._lock:
+            counter = self.origins.setdefault(origin, OriginCounter())
+            counter.chunks += chunks
+            counter.bytes += nbytes
+            counter.stored_bytes += stored_bytes
+
+    def error(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def latency(self, seconds: float) -> None:
+        with self._lock:
+            self.latencies.append(seconds)
+
+    def bytes_from(self, prefix: str) -> int:
+        with self._lock:
+            return sum(c.bytes for name, c in self.origins.items() if name.startswith(prefix))
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            lat = np.array(self.latencies, dtype=float)
+            percentiles = (
+                {f"p{p}": round(float(np.percentile(lat, p)) * 1000, 3) for p in (50, 90, 99)}
+                if len(lat) else {}
+            )
+            return {
+                "origins": {name: vars(c).copy() for name, c in self.origins.items()},
+                "errors": dict(self.errors),
+                "fetch_latency_ms": percentiles | {"samples": len(lat)},
+            }

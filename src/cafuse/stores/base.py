@@ -1,0 +1,59 @@
+"""What every chunk store offers: raw (still compressed) chunk bytes addressed by id."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from ..errors import CafuseError
+
+
+class StoreError(CafuseError):
+    """A store could not answer (I/O or network trouble), as opposed to a missing chunk."""
+
+
+class ReadOnlyStore(CafuseError):
+    pass
+
+
+def chunk_path(chunk_id: bytes) -> str:
+    """casync's layout: ``<first 4 hex digits>/<64 hex digits>.cacnk``."""
+    hexid = chunk_id.hex()
+    return f"{hexid[:4]}/{hexid}.cacnk"
+
+
+class ChunkStore(ABC):
+    """A content-addressed chunk store. Methods block; call them from worker threads."""
+
+    url: str
+    writable: bool = False
+
+    @abstractmethod
+    def get(self, chunk_id: bytes) -> bytes | None:
+        """The stored bytes of a chunk, or None when the store does not have it."""
+
+    @abstractmethod
+    def has(self, chunk_id: bytes) -> bool:
+        """Whether the store holds the chunk (without reading it)."""
+
+    def put(self, chunk_id: bytes, blob: bytes) -> bool:
+        """Store a chunk atomically; False when it was already there."""
+        raise ReadOnlyStore(f"store {self.url} is read-only")
+
+    def delete(self, chunk_id: bytes) -> None:
+        raise ReadOnlyStore(f"store {self.url} is read-only")
+
+    def iter_ids(self) -> Iterator[bytes]:
+        """Every chunk id the store holds."""
+        raise CafuseError(f"store {self.url} cannot list its chunks")
+
+    def sync(self) -> None:
+        """Make every chunk put so far durable."""
+        return None
+
+    def close(self) -> None:
+        """Release connections and file handles."""
+        return None
+
+    def __str__(self) -> str:
+        return self.url

@@ -16,8 +16,9 @@ class AtomicFile:
     def __init__(self, path: Path, mode: int = 0o644) -> None:
         self.path = path
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                       dir=path.parent if str(path.parent) else ".")
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
+            )
         except FileNotFoundError:
             raise CafuseError(f"{path}: directory {path.parent} does not exist") from None
         except PermissionError:

@@ -11,8 +11,14 @@ from .fetch import ChunkSource
 from .index import Index
 
 
-def cat(index: Index, source: ChunkSource, out: BinaryIO, offset: int = 0,
-        length: int | None = None, threads: int = 8) -> int:
+def cat(
+    index: Index,
+    source: ChunkSource,
+    out: BinaryIO,
+    offset: int = 0,
+    length: int | None = None,
+    threads: int = 8,
+) -> int:
     """Write ``[offset, offset+length)`` of the blob to ``out``; returns the bytes written."""
     if offset < 0 or (length is not None and length < 0):
         raise CafuseError("--offset and --length must not be negative")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import stat
 from collections.abc import Iterator
@@ -41,21 +39,37 @@ class ChunkSizes:
         return sizes
 
     def check(self) -> None:
-        for name, value, (lo, hi) in (("MIN", self.min, MIN_RANGE), ("AVG", self.avg, AVG_RANGE),
-                                      ("MAX", self.max, MAX_RANGE)):
+        for name, value, (lo, hi) in (
+            ("MIN", self.min, MIN_RANGE),
+            ("AVG", self.avg, AVG_RANGE),
+            ("MAX", self.max, MAX_RANGE),
+        ):
             if not lo <= value <= hi:
                 raise CafuseError(f"bad --chunk-size: {name} {value} outside {lo}..{hi}")
         if not self.min <= self.avg <= self.max:
-            raise CafuseError(f"bad --chunk-size: need MIN <= AVG <= MAX, got "
-                              f"{self.min}:{self.avg}:{self.max}")
+            raise CafuseError(
+                f"bad --chunk-size: need MIN <= AVG <= MAX, got {self.min}:{self.avg}:{self.max}"
+            )
 
 
 DEFAULT_SIZES = ChunkSizes(16 << 10, 64 << 10, 256 << 10)
 
 
+BLOCK_SIZE = 16 << 20
+
+
+@dataclass
+class Block:
+    """A run of input bytes and the chunks cut in it (offsets relative to ``data``)."""
+
+    offset: int  # of data[0] in the input
+    data: bytes
+    spans: list[tuple[int, int]]
+
+
 @contextmanager
-def mapped_input(path: str) -> Iterator[memoryview]:
-    """A read-only view of a regular file or block device (empty for an empty file)."""
+def open_input(path: str) -> Iterator[tuple[int, int]]:
+    """(fd, size) of a regular file or block device opened for reading."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -66,30 +80,43 @@ def mapped_input(path: str) -> Iterator[memoryview]:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise CafuseError(f"{path}: not a regular file or block device")
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if size == 0:
-            yield memoryview(b"")
-            return
-        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        mm.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mm)
-        try:
-            yield view
-        finally:
-            view.release()
-            # chunks still referenced keep the map open until they are collected
-            with contextlib.suppress(BufferError):
-                mm.close()
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        yield fd, os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
 
 
-def cut(data: memoryview, sizes: ChunkSizes) -> Iterator[tuple[int, int]]:
-    """(offset, length) of each chunk of ``data``."""
-    if not len(data):
+def cut_blocks(
+    fd: int, size: int, sizes: ChunkSizes, block_size: int = BLOCK_SIZE
+) -> Iterator[Block]:
+    """Read the input in large blocks and cut each into chunks.
+
+    The last chunk of a block may be cut short by the block's end, so its bytes are carried
+    into the next block and cut again. FastCDC decides a cut only from the bytes after the
+    chunk's start, so the chunks are exactly those of cutting the whole input at once.
+    Reading (instead of a memory map) lets worker threads use the bytes without contending
+    on page faults.
+    """
+    if size == 0:
         return
     from pyfastcdc import FastCDC
 
     cdc = FastCDC(sizes.avg, min_size=sizes.min, max_size=sizes.max)
-    for chunk in cdc.cut_buf(data):
-        yield chunk.offset, chunk.length
+    carry = b""
+    pos = 0  # input offset of the next byte to read
+    while pos < size or carry:
+        want = min(block_size, size - pos)
+        fresh = os.pread(fd, want, pos) if want else b""
+        if want and not fresh:
+            raise CafuseError(f"input shrank while reading (at byte {pos})")
+        data = carry + fresh if carry else fresh
+        start = pos - len(carry)
+        pos += len(fresh)
+        at_end = pos >= size
+        spans = [(c.offset, c.length) for c in cdc.cut_buf(data)]
+        if not at_end and len(spans) > 1:
+            last_offset, _ = spans.pop()
+            carry = data[last_offset:]
+        else:
+            carry = b""
+        yield Block(start, data, spans)

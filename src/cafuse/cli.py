@@ -72,8 +72,10 @@ def _source(args: argparse.Namespace, digest: str):
     seeds = [Seed.parse(spec) for spec in getattr(args, "seed", None) or []]
     for seed in seeds:
         if seed.index.digest != digest:
-            raise CafuseError(f"seed {seed.path} uses digest {seed.index.digest} but the index "
-                              f"uses {digest}: seeds must be made with the same --digest")
+            raise CafuseError(
+                f"seed {seed.path} uses digest {seed.index.digest} but the index "
+                f"uses {digest}: seeds must be made with the same --digest"
+            )
     stores = _open_stores(args.store, required=not seeds)
     return ChunkSource(digest, stores, seeds)
 
@@ -104,8 +106,17 @@ def cmd_make(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
     store = open_store(args.store, writable=True)
-    result = make(args.index, args.file, store, digest=args.digest, sizes=sizes,
-                  compression=args.compression, level=args.level, threads=args.threads)
+    result = make(
+        args.index,
+        args.file,
+        store,
+        digest=args.digest,
+        sizes=sizes,
+        compression=args.compression,
+        level=args.level,
+        threads=args.threads,
+        sync=args.sync,
+    )
     print(result.summary(args.index))
     return 0
 
@@ -160,15 +171,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     report = verify_store(index, store, repair=args.repair, threads=args.threads)
     bad = len(report.missing) + len(report.corrupt)
-    print(f"{args.store}: {report.checked} chunks checked, {len(report.missing)} missing, "
-          f"{len(report.corrupt)} corrupt" + (f", {report.repaired} deleted" if args.repair
-                                              else ""))
+    print(
+        f"{args.store}: {report.checked} chunks checked, {len(report.missing)} missing, "
+        f"{len(report.corrupt)} corrupt" + (f", {report.repaired} deleted" if args.repair else "")
+    )
     if bad:
         first = (report.corrupt + report.missing)[0].hex()
-        hint = ("re-run make or copy the chunks back" if args.repair
-                else "run with --repair to delete corrupt chunks, then re-run make")
-        raise CafuseError(f"store {args.store} is incomplete for {args.index} "
-                          f"(first bad chunk {first}): {hint}")
+        hint = (
+            "re-run make or copy the chunks back"
+            if args.repair
+            else "run with --repair to delete corrupt chunks, then re-run make"
+        )
+        raise CafuseError(
+            f"store {args.store} is incomplete for {args.index} (first bad chunk {first}): {hint}"
+        )
     return 0
 
 
@@ -188,21 +204,37 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
-    p.add_argument("--store", "-s", action="append", metavar="STORE",
-                   help="chunk store to read from; repeat to try several in order")
+    p.add_argument(
+        "--store",
+        "-s",
+        action="append",
+        metavar="STORE",
+        help="chunk store to read from; repeat to try several in order",
+    )
     if seeds:
-        p.add_argument("--seed", action="append", metavar="SEED_INDEX:SEED_FILE",
-                       help="local image whose chunks are used before any store; repeatable")
-    p.add_argument("--threads", type=_positive_int, default=_default_threads(),
-                   help="worker threads (default: %(default)s)")
+        p.add_argument(
+            "--seed",
+            action="append",
+            metavar="SEED_INDEX:SEED_FILE",
+            help="local image whose chunks are used before any store; repeatable",
+        )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=_default_threads(),
+        help="worker threads (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cafuse", description="casync-compatible chunk stores and indexes, "
-                     "mounted lazily through FUSE.")
+    parser = _Parser(
+        prog="cafuse",
+        description="casync-compatible chunk stores and indexes, mounted lazily through FUSE.",
+    )
     parser.add_argument("--version", action="version", version=f"cafuse {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (repeat for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -210,23 +242,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX", help="index file to write (.caibx)")
     p.add_argument("file", metavar="FILE", help="image file or block device to read")
     p.add_argument("--store", "-s", required=True, help="chunk store to write to")
-    p.add_argument("--digest", choices=("blake3", "sha512-256", "sha256"), default="blake3",
-                   help="chunk id digest; sha512-256 or sha256 for casync/desync "
-                   "(default: %(default)s)")
-    p.add_argument("--chunk-size", metavar="[MIN:]AVG[:MAX]",
-                   help="chunk sizes, e.g. 64K or 16K:64K:256K (default 16K:64K:256K)")
+    p.add_argument(
+        "--digest",
+        choices=("blake3", "sha512-256", "sha256"),
+        default="blake3",
+        help="chunk id digest; sha512-256 or sha256 for casync/desync (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        metavar="[MIN:]AVG[:MAX]",
+        help="chunk sizes, e.g. 64K or 16K:64K:256K (default 16K:64K:256K)",
+    )
     p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     p.add_argument("--level", type=int, default=3, help="zstd level (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 2,
-                   help="hashing/compression threads (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=os.cpu_count() or 2,
+        help="hashing/compression threads (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="flush the store to disk before writing the index (power-cut safe, slower)",
+    )
     p.set_defaults(handler=cmd_make)
 
     p = sub.add_parser("extract", help="rebuild an image from its index")
     p.add_argument("index", metavar="INDEX")
     p.add_argument("output", metavar="OUTPUT", help="file or block device to write")
     _add_source_options(p)
-    p.add_argument("--in-place", action="store_true",
-                   help="write into OUTPUT directly, keeping chunks it already holds")
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write into OUTPUT directly, keeping chunks it already holds",
+    )
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("cat", help="write (part of) an image to stdout")

@@ -45,9 +45,7 @@ def hash_function(name: str) -> HashFn:
     try:
         return _FUNCTIONS[name]
     except KeyError:
-        raise CafuseError(
-            f"unknown digest {name!r}: use one of {', '.join(DIGESTS)}"
-        ) from None
+        raise CafuseError(f"unknown digest {name!r}: use one of {', '.join(DIGESTS)}") from None
 
 
 def digest_from_flags(flags: int) -> str:

@@ -37,17 +37,20 @@ class ExtractResult:
     from_stores: int = 0
     zero: int = 0
     fetched_stored_bytes: int = 0
+    bad_copies: int = 0  # corrupt chunks or stale seed bytes skipped for a good copy
     seconds: float = 0.0
     by_origin: dict[str, int] = field(default_factory=dict)
 
     def summary(self, path: str) -> str:
         total = self.from_seeds + self.from_output + self.from_stores + self.zero
         rate = total / self.seconds / 1e6 if self.seconds else 0.0
-        return (f"{path}: {format_size(total)} written; from seeds "
-                f"{format_size(self.from_seeds)}, already in output "
-                f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
-                f"({format_size(self.fetched_stored_bytes)} fetched), zero "
-                f"{format_size(self.zero)}; {rate:.0f} MB/s")
+        return (
+            f"{path}: {format_size(total)} written; from seeds "
+            f"{format_size(self.from_seeds)}, already in output "
+            f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
+            f"({format_size(self.fetched_stored_bytes)} fetched), zero "
+            f"{format_size(self.zero)}; {rate:.0f} MB/s"
+        )
 
 
 def group_chunks(index: Index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +121,15 @@ class _Extractor:
         return done
 
 
-def extract(index: Index, output_path: str, source: ChunkSource, *, in_place: bool = False,
-            threads: int = 8, progress: bool | None = None) -> ExtractResult:
+def extract(
+    index: Index,
+    output_path: str,
+    source: ChunkSource,
+    *,
+    in_place: bool = False,
+    threads: int = 8,
+    progress: bool | None = None,
+) -> ExtractResult:
     started = time.monotonic()
     result = ExtractResult()
     zero = index.zero_mask
@@ -133,13 +143,15 @@ def extract(index: Index, output_path: str, source: ChunkSource, *, in_place: bo
             if output.reuses_content:
                 zero_pos = np.flatnonzero(zero)
                 for lo in range(0, len(zero_pos), 4096):
-                    worker.write_zero(zero_pos[lo:lo + 4096])
+                    worker.write_zero(zero_pos[lo : lo + 4096])
             bar.update(result.zero)
 
             def run(lo: int, hi: int) -> dict[str, int]:
                 total: dict[str, int] = {}
                 for g in range(lo, hi):
-                    for origin, n in worker.write_group(positions[bounds[g]:bounds[g + 1]]).items():
+                    for origin, n in worker.write_group(
+                        positions[bounds[g] : bounds[g + 1]]
+                    ).items():
                         total[origin] = total.get(origin, 0) + n
                 return total
 
@@ -172,7 +184,7 @@ def extract(index: Index, output_path: str, source: ChunkSource, *, in_place: bo
             result.from_seeds += n
         else:
             result.from_stores += n
-    result.fetched_stored_bytes = sum(
-        c.stored_bytes for c in source.stats.origins.values())
+    result.fetched_stored_bytes = sum(c.stored_bytes for c in source.stats.origins.values())
+    result.bad_copies = sum(source.stats.errors.values())
     result.seconds = time.monotonic() - started
     return result

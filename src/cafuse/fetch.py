@@ -24,8 +24,13 @@ ATTEMPTS_PER_STORE = 2  # a chunk failing verification is refetched once
 
 
 class ChunkSource:
-    def __init__(self, digest: str, stores: Sequence[ChunkStore], seeds: Sequence[Seed] = (),
-                 stats: FetchStats | None = None) -> None:
+    def __init__(
+        self,
+        digest: str,
+        stores: Sequence[ChunkStore],
+        seeds: Sequence[Seed] = (),
+        stats: FetchStats | None = None,
+    ) -> None:
         self.digest = digest
         self.hash = hash_function(digest)
         self.stores = list(stores)
@@ -59,13 +64,15 @@ class ChunkSource:
             if self.verify(chunk_id, data, size):
                 self.stats.add(seed.name, size)
                 return data
-            log.warning("seed %s: chunk %s no longer matches its index, ignored",
-                        seed.path, chunk_id.hex())
+            log.warning(
+                "seed %s: chunk %s no longer matches its index, ignored", seed.path, chunk_id.hex()
+            )
             self.stats.error("seed mismatch")
         return None
 
-    def _from_store(self, store: ChunkStore, chunk_id: bytes, size: int,
-                    reasons: list[str]) -> bytes | None:
+    def _from_store(
+        self, store: ChunkStore, chunk_id: bytes, size: int, reasons: list[str]
+    ) -> bytes | None:
         for attempt in range(ATTEMPTS_PER_STORE):
             try:
                 blob = store.get(chunk_id)
@@ -85,7 +92,7 @@ class ChunkSource:
                     self.stats.add(store.url, size, len(blob))
                     return data
                 problem = f"corrupt in {store.url} (digest mismatch)"
-            log.warning("chunk %s %s", chunk_id.hex(), problem)
+            log.info("chunk %s %s", chunk_id.hex(), problem)
             self.stats.error("corrupt")
             if attempt == ATTEMPTS_PER_STORE - 1:
                 reasons.append(problem)

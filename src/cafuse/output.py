@@ -44,8 +44,9 @@ class Output:
                 device_size = os.lseek(self.fd, 0, os.SEEK_END)
                 if device_size < size:
                     os.close(self.fd)
-                    raise CafuseError(f"{path}: block device is {device_size} bytes, "
-                                      f"the image needs {size}")
+                    raise CafuseError(
+                        f"{path}: block device is {device_size} bytes, the image needs {size}"
+                    )
             elif in_place:
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 os.ftruncate(self.fd, size)

@@ -31,8 +31,10 @@ class Progress:
         width = 30
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
         rate = self.done / max(now - self._started, 1e-6)
-        sys.stderr.write(f"\r{self.label} [{bar}] {frac * 100:5.1f}% "
-                         f"{format_size(self.done)} {format_size(rate)}/s ")
+        sys.stderr.write(
+            f"\r{self.label} [{bar}] {frac * 100:5.1f}% "
+            f"{format_size(self.done)} {format_size(rate)}/s "
+        )
         sys.stderr.flush()
 
     def close(self) -> None:

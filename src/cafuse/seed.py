@@ -32,8 +32,10 @@ class Seed:
         size = os.lseek(self._fd, 0, os.SEEK_END)
         if size < index.blob_size:
             os.close(self._fd)
-            raise CafuseError(f"seed file {path} is {size} bytes but its index describes "
-                              f"{index.blob_size}: pair each seed index with its own file")
+            raise CafuseError(
+                f"seed file {path} is {size} bytes but its index describes "
+                f"{index.blob_size}: pair each seed index with its own file"
+            )
         keys = index.id_keys()
         self._order = np.argsort(keys, kind="stable")
         self._sorted_keys = keys[self._order]

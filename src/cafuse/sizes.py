@@ -13,8 +13,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE
 def parse_size(text: str, what: str = "size") -> int:
     match = _SIZE.match(text)
     if not match:
-        raise CafuseError(f"bad {what} {text!r}: expected a number with an optional "
-                          "K, M, G or T suffix (e.g. 64K)")
+        raise CafuseError(
+            f"bad {what} {text!r}: expected a number with an optional "
+            "K, M, G or T suffix (e.g. 64K)"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

@@ -49,7 +49,8 @@ class FetchStats:
             lat = np.array(self.latencies, dtype=float)
             percentiles = (
                 {f"p{p}": round(float(np.percentile(lat, p)) * 1000, 3) for p in (50, 90, 99)}
-                if len(lat) else {}
+                if len(lat)
+                else {}
             )
             return {
                 "origins": {name: vars(c).copy() for name, c in self.origins.items()},

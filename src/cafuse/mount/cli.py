@@ -1,9 +1,205 @@
-"""Mount subcommands: placeholder registration until the mount daemon lands."""
+"""The mount, umount and stats subcommands, and the ``mount.fuse.cafuse`` helper.
+
+Kept light: pyfuse3, trio and numpy are imported only when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import CafuseError
+from ..sizes import format_size, parse_size
+from .options import MountOptions
+
+STATS_XATTR = "user.cafuse.stats"
+
+
+def _options_from_args(args: argparse.Namespace) -> MountOptions:
+    opts = MountOptions(index=args.index, mountpoint=args.mountpoint)
+    for spec in args.o or []:
+        opts.apply(spec)
+    opts.stores += args.store or []
+    opts.seeds += args.seed or []
+    if args.name:
+        opts.name = args.name
+    if args.memory_cache:
+        opts.memory_cache = parse_size(args.memory_cache, "--memory-cache")
+    if args.readahead is not None:
+        opts.readahead = args.readahead
+    if args.timeout is not None:
+        opts.timeout = args.timeout
+    if args.log:
+        opts.log_file = os.path.abspath(args.log)
+    opts.foreground = args.foreground
+    if args.allow_other:
+        opts.fuse_options.add("allow_other")
+    if "/" in opts.file_name or opts.file_name in ("", ".", ".."):
+        raise CafuseError(f"bad --name {opts.file_name!r}: give a plain file name")
+    return opts
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import mount
+
+    return mount(_options_from_args(args))
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .daemon import umount
+
+    umount(args.mountpoint)
+    return 0
+
+
+def read_stats(mountpoint: str) -> dict:
+    try:
+        names = os.listdir(mountpoint)
+    except OSError as exc:
+        raise CafuseError(f"{mountpoint}: {exc.strerror}") from None
+    for name in names:
+        try:
+            return json.loads(os.getxattr(os.path.join(mountpoint, name), STATS_XATTR))
+        except OSError:
+            continue
+    raise CafuseError(f"{mountpoint} is not a cafuse mount (no statistics found)")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = read_stats(args.mountpoint)
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    reads = stats["reads"]
+    print(f"image: {format_size(stats['blob_size'])} in {stats['chunks']} chunks")
+    print(
+        f"reads: {reads['served']} served ({format_size(reads['bytes'])}), {reads['failed']} failed"
+    )
+    for origin, nbytes in reads["bytes_from"].items():
+        print(f"  served from {origin}: {format_size(nbytes)}")
+    for origin, counter in sorted(stats["origins"].items()):
+        wire = (
+            f", {format_size(counter['stored_bytes'])} transferred"
+            if counter["stored_bytes"]
+            else ""
+        )
+        print(
+            f"fetched from {origin}: {counter['chunks']} chunks, "
+            f"{format_size(counter['bytes'])}{wire}"
+        )
+    cache = stats["memory_cache"]
+    print(
+        f"memory cache: {cache['chunks']} chunks, {format_size(cache['bytes'])} of "
+        f"{format_size(cache['capacity'])}"
+    )
+    lat = stats["fetch_latency_ms"]
+    if lat.get("samples"):
+        print(f"fetch latency: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+    if stats["errors"]:
+        print("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())))
+    return 0
 
 
 def add_mount_commands(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser(
+        "mount",
+        help="mount an index as one read-only file, fetched lazily",
+        description="Mount INDEX at MOUNTPOINT as one read-only file named "
+        "after the index. Only chunks that are read are fetched.",
+    )
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--store",
+        "-s",
+        action="append",
+        metavar="STORE",
+        help="chunk store; repeat to try several in order",
+    )
+    p.add_argument(
+        "--seed",
+        action="append",
+        metavar="SEED_INDEX:SEED_FILE",
+        help="local image whose chunks are used before any store",
+    )
+    p.add_argument(
+        "--memory-cache", metavar="SIZE", help="decompressed chunks kept in memory (default 256M)"
+    )
+    p.add_argument(
+        "--readahead",
+        type=int,
+        metavar="N",
+        help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a read that takes longer fails with EIO (default 60)",
+    )
+    p.add_argument("--name", help="file name inside the mount (default: index name)")
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users read the mount (needs user_allow_other for non-root)",
+    )
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: syslog)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument(
+        "-o",
+        action="append",
+        metavar="OPTIONS",
+        help="comma-separated options as in fstab: store=,seed=,name=,"
+        "memory_cache=,readahead=,timeout=,log=,allow_other",
+    )
+    p.set_defaults(handler=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a cafuse mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(handler=cmd_umount)
+
+    p = sub.add_parser("stats", help="live statistics of a mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_stats)
+
+
+def helper_main(argv: Sequence[str] | None = None) -> int:
+    """``mount.fuse.cafuse SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, as mount(8)
+    and fstab call it."""
+    from ..cli import main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options: list[str] = []
+    foreground = False
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            options.append(next(it, ""))
+        elif arg.startswith("-o") and len(arg) > 2:
+            options.append(arg[2:])
+        elif arg == "-t":
+            next(it, None)
+        elif arg == "-f":
+            foreground = True
+        elif arg in ("-n", "-s", "-v", "-r", "-w") or arg.startswith("--"):
+            continue
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        print(
+            "mount.fuse.cafuse: usage: mount.fuse.cafuse INDEX MOUNTPOINT -o store=STORE",
+            file=sys.stderr,
+        )
+        return 2
+    cmd = ["mount", *positional]
+    for spec in options:
+        cmd += ["-o", spec]
+    if foreground:
+        cmd.append("-f")
+    return main(cmd)

@@ -15,11 +15,13 @@ def open_store(location: str, *, writable: bool = False) -> ChunkStore:
     ``writable`` creates a missing local directory (make, cache) instead of failing.
     """
     if location.startswith("file://"):
-        location = location[len("file://"):]
+        location = location[len("file://") :]
     elif "://" in location:
         scheme = location.split("://", 1)[0]
-        raise CafuseError(f"unsupported store URL scheme {scheme!r} in {location!r}: "
-                          "use a local directory or file:// URL")
+        raise CafuseError(
+            f"unsupported store URL scheme {scheme!r} in {location!r}: "
+            "use a local directory or file:// URL"
+        )
     if not location:
         raise CafuseError("empty store location: give --store DIR")
     return LocalStore(location, create=writable)

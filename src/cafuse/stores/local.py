@@ -8,7 +8,7 @@ import ctypes.util
 import logging
 import os
 import re
-import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,8 +33,9 @@ class LocalStore(ChunkStore):
             except OSError as exc:
                 raise StoreError(f"store {self.root}: cannot create: {exc.strerror}") from None
         if not self.root.is_dir():
-            raise StoreError(f"store {self.root}: directory does not exist "
-                             "(check the --store path)")
+            raise StoreError(
+                f"store {self.root}: directory does not exist (check the --store path)"
+            )
 
     def _path(self, chunk_id: bytes) -> Path:
         return self.root / chunk_path(chunk_id)
@@ -48,8 +49,9 @@ class LocalStore(ChunkStore):
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise StoreError(f"store {self.root}: cannot read {candidate.name}: "
-                                 f"{exc.strerror}") from None
+                raise StoreError(
+                    f"store {self.root}: cannot read {candidate.name}: {exc.strerror}"
+                ) from None
         return None
 
     def has(self, chunk_id: bytes) -> bool:
@@ -57,18 +59,25 @@ class LocalStore(ChunkStore):
         return path.exists() or path.with_suffix("").exists()
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
+        """Write to a temporary name, then link it to the final name.
+
+        Unlike rename, link fails when another writer got there first, so the final name only
+        ever holds a whole file and the count of new chunks stays exact. A crash leaves at
+        most a dot-file, which ``iter_ids`` ignores.
+        """
         path = self._path(chunk_id)
         if path.exists():
             return False
+        tmp = path.parent / f".{path.name}.{threading.get_native_id()}.tmp"
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd = self._create(tmp)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                os.chmod(tmp, 0o644)
-                # link, unlike rename, fails if another writer got there first: the count
-                # of new chunks stays exact and the final name only ever holds whole files
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
@@ -77,6 +86,18 @@ class LocalStore(ChunkStore):
         except OSError as exc:
             raise StoreError(f"store {self.root}: cannot write chunk: {exc.strerror}") from None
         return True
+
+    @staticmethod
+    def _create(tmp: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(3):
+            try:
+                return os.open(tmp, flags, 0o644)
+            except FileNotFoundError:
+                tmp.parent.mkdir(exist_ok=True)
+            except FileExistsError:
+                tmp.unlink(missing_ok=True)  # left by a crashed writer of this thread id
+        return os.open(tmp, flags, 0o644)
 
     def delete(self, chunk_id: bytes) -> None:
         path = self._path(chunk_id)

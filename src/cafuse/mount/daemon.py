@@ -1,0 +1,201 @@
+"""The mount daemon: checks, fork, pyfuse3 + trio main loop, signals, unmount.
+
+Everything that can fail because of the user's input is checked before the fork, so the
+error reaches the terminal. The fork happens before pyfuse3 and trio start (a process with
+threads must not fork); the child mounts and reports ``ok`` or its error over a pipe, and
+the parent exits 0 only once the mount is live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import CafuseError
+from .options import MountOptions
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(path: str) -> None:
+    mp = Path(path)
+    if not mp.exists():
+        raise CafuseError(f"mountpoint {path} does not exist: create it with mkdir")
+    if not mp.is_dir():
+        raise CafuseError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(mp):
+        raise CafuseError(
+            f"{path} is already a mount point: unmount it first (cafuse umount {path})"
+        )
+    if any(mp.iterdir()):
+        raise CafuseError(f"mountpoint {path} is not empty: use an empty directory")
+
+
+def mount(opts: MountOptions) -> int:
+    """Mount and serve; without ``foreground`` return once the mount is live."""
+    # no thread pools in numpy: the process must have one thread when it forks
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    from ..fetch import ChunkSource
+    from ..index import read_index
+    from ..seed import Seed
+    from ..stores import open_store
+
+    check_mountpoint(opts.mountpoint)
+    index = read_index(opts.index)
+    if not opts.stores and not opts.seeds:
+        raise CafuseError("no chunk store given: add --store STORE (or -o store=STORE)")
+    seeds = [Seed.parse(spec) for spec in opts.seeds]
+    for seed in seeds:
+        if seed.index.digest != index.digest:
+            raise CafuseError(
+                f"seed {seed.path} uses digest {seed.index.digest} but the index "
+                f"uses {index.digest}: seeds must be made with the same --digest"
+            )
+    source = ChunkSource(index.digest, [open_store(s) for s in opts.stores], seeds)
+    index.zero_mask  # computed before serving, not on the first read  # noqa: B018
+    mtime_ns = os.stat(opts.index).st_mtime_ns
+
+    if opts.foreground:
+        _setup_logging(opts, daemon=False)
+        return _serve(opts, index, source, mtime_ns, ready=None)
+
+    if threading.active_count() != 1:
+        raise RuntimeError("internal error: threads running before fork")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace").strip()
+        if message == "ok":
+            return 0
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = (
+                f"mount daemon exited during start-up (status {status}); run with -f to see why"
+            )
+        raise CafuseError(message)
+    # child
+    os.close(read_fd)
+    os.setsid()
+    code = 1
+    try:
+        _setup_logging(opts, daemon=True)
+        _detach_stdio()
+        code = _serve(opts, index, source, mtime_ns, ready=write_fd)
+    except BaseException as exc:  # reported to the parent, which prints it
+        _report(write_fd, f"mount failed: {exc}")
+        log.exception("mount daemon failed")
+    finally:
+        os._exit(code)
+
+
+def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) -> int:
+    import pyfuse3
+    import trio
+
+    from .fs import BlobFS
+    from .reader import BlobReader
+
+    reader = BlobReader(
+        index,
+        source,
+        memory_cache=opts.memory_cache,
+        readahead=opts.readahead,
+        concurrency=opts.concurrency,
+        timeout=opts.timeout,
+    )
+    fs = BlobFS(reader, opts.file_name, mtime_ns)
+    fuse_options = set(opts.fuse_options)
+    fuse_options.add(f"fsname={os.path.abspath(opts.index)}")
+    fuse_options.add("subtype=cafuse")
+    try:
+        pyfuse3.init(fs, opts.mountpoint, fuse_options)
+    except RuntimeError as exc:
+        raise CafuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
+    log.info(
+        "mounted %s at %s (%d chunks, %d bytes)",
+        opts.index,
+        opts.mountpoint,
+        index.chunk_count,
+        index.blob_size,
+    )
+    if ready is not None:
+        _report(ready, "ok")
+    try:
+        trio.run(_main, reader)
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", opts.mountpoint)
+    return 0
+
+
+async def _main(reader) -> None:
+    import pyfuse3
+    import trio
+
+    async def on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        nursery.start_soon(on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _report(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, message.replace("\n", " ").encode() + b"\n")
+        os.close(fd)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _setup_logging(opts: MountOptions, daemon: bool) -> None:
+    root = logging.getLogger()
+    if opts.log_file:
+        handler: logging.Handler = logging.FileHandler(opts.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s cafuse[%(process)d] %(message)s"))
+    elif daemon and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("cafuse[%(process)d]: %(message)s"))
+    elif daemon:
+        return
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cafuse: %(message)s"))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(min(root.level, logging.INFO) if opts.log_file else root.level)
+
+
+def umount(mountpoint: str) -> None:
+    import shutil
+    import subprocess
+
+    if not os.path.ismount(mountpoint):
+        raise CafuseError(f"{mountpoint} is not a mount point")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"
+        raise CafuseError(f"cannot unmount {mountpoint}: {why} (is a file in it still open?)")

@@ -1,0 +1,243 @@
+"""Every mistake a user can make gives one line naming it and a non-zero exit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_user_error, random_bytes, run_cafuse
+
+
+@pytest.fixture()
+def small(tmp_path: Path) -> dict[str, Path]:
+    src = tmp_path / "in.img"
+    src.write_bytes(random_bytes(600_000, seed=5))
+    index, store = tmp_path / "in.caibx", tmp_path / "store"
+    run_cafuse("make", index, src, "--store", store, "--chunk-size", "16K")
+    return {"src": src, "index": index, "store": store}
+
+
+def _some_chunk(store: Path) -> Path:
+    return sorted(store.rglob("*.cacnk"))[3]
+
+
+def test_missing_index(tmp_path: Path) -> None:
+    proc = run_cafuse(
+        "extract", tmp_path / "nope.caibx", tmp_path / "o", "--store", tmp_path, check=False
+    )
+    assert_user_error(proc, "index file not found")
+
+
+def test_garbage_and_truncated_index(small: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.caibx"
+    bad.write_bytes(b"this is not an index" * 10)
+    assert_user_error(
+        run_cafuse("info", bad, check=False), "not a valid casync blob index", "bad header"
+    )
+    bad.write_bytes(small["index"].read_bytes()[:-13])
+    assert_user_error(
+        run_cafuse("cat", bad, "--store", small["store"], check=False, stdout=subprocess.DEVNULL),
+        "truncated",
+    )
+
+
+def test_wrong_digest_flags(small: dict[str, Path], tmp_path: Path) -> None:
+    raw = bytearray(small["index"].read_bytes())
+    raw[16:24] = (0x0800000000000000 | 0x2000000000000000).to_bytes(8, "little")
+    bad = tmp_path / "flags.caibx"
+    bad.write_bytes(bytes(raw))
+    assert_user_error(
+        run_cafuse("extract", bad, tmp_path / "o", "--store", small["store"], check=False),
+        "both BLAKE3 and SHA-512/256",
+    )
+    # a valid flag for another digest: every chunk then fails verification, never served
+    raw[16:24] = (0x2000000000000000).to_bytes(8, "little")
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "o"
+    assert_user_error(
+        run_cafuse("extract", bad, out, "--store", small["store"], check=False), "digest mismatch"
+    )
+    assert not out.exists()
+
+
+def test_missing_chunk_leaves_no_output(small: dict[str, Path], tmp_path: Path) -> None:
+    chunk = _some_chunk(small["store"])
+    chunk.unlink()
+    out = tmp_path / "out.img"
+    err = assert_user_error(
+        run_cafuse("extract", small["index"], out, "--store", small["store"], check=False),
+        "unavailable",
+        "not in",
+    )
+    assert chunk.name.removesuffix(".cacnk") in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.img.*"))  # no temporary file left behind either
+    assert_user_error(
+        run_cafuse(
+            "cat", small["index"], "--store", small["store"], check=False, stdout=subprocess.DEVNULL
+        ),
+        "unavailable",
+    )
+
+
+def test_corrupt_chunk_is_never_served(small: dict[str, Path], tmp_path: Path) -> None:
+    chunk = _some_chunk(small["store"])
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 10)
+    assert_user_error(
+        run_cafuse(
+            "extract", small["index"], tmp_path / "o", "--store", small["store"], check=False
+        ),
+        "corrupt in",
+    )
+    # a valid zstd frame of the wrong bytes is caught by the digest
+    shutil.copyfile(sorted(small["store"].rglob("*.cacnk"))[0], chunk)
+    assert_user_error(
+        run_cafuse(
+            "extract", small["index"], tmp_path / "o", "--store", small["store"], check=False
+        ),
+        "digest mismatch",
+    )
+
+
+def test_second_store_serves_what_the_first_lacks(small: dict[str, Path], tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(small["store"], partial)
+    _some_chunk(partial).unlink()
+    out = tmp_path / "out.img"
+    run_cafuse("extract", small["index"], out, "--store", partial, "--store", small["store"])
+    assert out.read_bytes() == small["src"].read_bytes()
+
+
+def test_unwritable_output(small: dict[str, Path], tmp_path: Path) -> None:
+    assert_user_error(
+        run_cafuse(
+            "extract",
+            small["index"],
+            tmp_path / "no" / "dir" / "o",
+            "--store",
+            small["store"],
+            check=False,
+        ),
+        "does not exist",
+    )
+    assert_user_error(
+        run_cafuse("extract", small["index"], tmp_path, "--store", small["store"], check=False),
+        "is a directory",
+    )
+    assert_user_error(
+        run_cafuse(
+            "make",
+            tmp_path / "nodir" / "x.caibx",
+            small["src"],
+            "--store",
+            small["store"],
+            check=False,
+        ),
+        "does not exist",
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("abc", "bad --chunk-size"),
+        ("1K:512:2K", "MIN <= AVG <= MAX"),
+        ("64K:32M", "outside"),
+        ("1:2:3:4", "expected [MIN:]AVG[:MAX]"),
+        ("16", "outside"),
+    ],
+)
+def test_bad_chunk_size(small: dict[str, Path], tmp_path: Path, spec: str, message: str) -> None:
+    assert_user_error(
+        run_cafuse(
+            "make",
+            tmp_path / "x.caibx",
+            small["src"],
+            "--store",
+            tmp_path / "s",
+            "--chunk-size",
+            spec,
+            check=False,
+        ),
+        message,
+    )
+    assert not (tmp_path / "x.caibx").exists()
+
+
+def test_bad_flags_and_arguments(small: dict[str, Path], tmp_path: Path) -> None:
+    assert_user_error(
+        run_cafuse(
+            "make",
+            tmp_path / "x.caibx",
+            small["src"],
+            "--store",
+            tmp_path / "s",
+            "--digest",
+            "md5",
+            check=False,
+        ),
+        "invalid choice",
+    )
+    assert_user_error(
+        run_cafuse("extract", small["index"], "o", "--bogus", check=False), "unrecognized arguments"
+    )
+    assert_user_error(
+        run_cafuse(
+            "extract",
+            small["index"],
+            tmp_path / "o",
+            "--threads",
+            "0",
+            "--store",
+            small["store"],
+            check=False,
+        ),
+        "--threads",
+    )
+    assert_user_error(
+        run_cafuse(
+            "make",
+            tmp_path / "x.caibx",
+            small["src"],
+            "--store",
+            tmp_path / "s",
+            "--level",
+            "99",
+            check=False,
+        ),
+        "--level",
+    )
+    assert_user_error(
+        run_cafuse(
+            "make",
+            tmp_path / "x.caibx",
+            tmp_path / "none.img",
+            "--store",
+            tmp_path / "s",
+            check=False,
+        ),
+        "input file not found",
+    )
+    assert_user_error(
+        run_cafuse("make", tmp_path / "x.caibx", tmp_path, "--store", tmp_path / "s", check=False),
+        "not a regular file",
+    )
+    assert_user_error(
+        run_cafuse("extract", small["index"], tmp_path / "o", check=False), "no chunk store given"
+    )
+    assert_user_error(
+        run_cafuse(
+            "extract", small["index"], tmp_path / "o", "--store", tmp_path / "absent", check=False
+        ),
+        "directory does not exist",
+    )
+    assert_user_error(
+        run_cafuse(
+            "extract", small["index"], tmp_path / "o", "--store", "ftp://host/store", check=False
+        ),
+        "unsupported store URL",
+    )
+    assert_user_error(run_cafuse(check=False), "required")

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cafuse, sha256_file
 
 from cafuse.index import read_index
-from helpers import run_cafuse, sha256_file
 
 
 def casync(*args: object) -> subprocess.CompletedProcess[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import random_bytes
 from pyfastcdc import FastCDC
 
 from cafuse.chunker import ChunkSizes, cut_blocks, open_input
 from cafuse.errors import CafuseError
-from helpers import random_bytes
 
 
 @pytest.mark.parametrize("block_size", [300_000, 1 << 20, 5_000_000])

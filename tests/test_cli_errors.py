@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import assert_user_error, random_bytes, run_cafuse
 
 

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import random_bytes, run_cafuse, sha256_file
 
 from cafuse.index import read_index
-from helpers import random_bytes, run_cafuse, sha256_file
 
 INPUTS = {
     "empty": b"",

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_user_error, random_bytes, run_cafuse
 
 from cafuse.extract import extract
 from cafuse.fetch import ChunkSource
 from cafuse.index import read_index
 from cafuse.seed import Seed
 from cafuse.stores import LocalStore
-from helpers import assert_user_error, random_bytes, run_cafuse
 
 
 @pytest.fixture()

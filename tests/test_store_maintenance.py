@@ -6,10 +6,11 @@ import gzip
 import lzma
 from pathlib import Path
 
+from helpers import assert_user_error, random_bytes, run_cafuse
+
 from cafuse.digest import hash_function
 from cafuse.index import read_index
 from cafuse.stores import LocalStore, chunk_path
-from helpers import assert_user_error, random_bytes, run_cafuse
 
 
 def _make(tmp_path: Path, name: str, data: bytes, store: Path) -> Path:

@@ -199,7 +199,10 @@ def helper_main(argv: Sequence[str] | None = None) -> int:
         return 2
     cmd = ["mount", *positional]
     for spec in options:
-        cmd += ["-o", spec]
+        # mount(8) passes "rw" unless told "ro"; the mount is read-only either way
+        kept = ",".join(item for item in spec.split(",") if item.strip() != "rw")
+        if kept:
+            cmd += ["-o", kept]
     if foreground:
         cmd.append("-f")
     return main(cmd)

@@ -86,6 +86,10 @@ class BlobFS(pyfuse3.Operations):
             return await self.reader.read(off, size, stream=fh)
         except ReadFailed:
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            # a bug must cost one read, not the mount: log it and keep serving
+            log.exception("unexpected error reading %d bytes at %d", size, off)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
         self.reader.forget_stream(fh)

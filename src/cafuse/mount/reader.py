@@ -23,6 +23,9 @@ from ..index import Index
 log = logging.getLogger(__name__)
 
 
+SEQUENTIAL_THRESHOLD = 512 << 10
+
+
 class ReadFailed(CafuseError):
     """A read could not be satisfied; the FUSE layer turns this into EIO."""
 
@@ -43,6 +46,7 @@ class _Stream:
     """Readahead state of one open file handle."""
 
     next_offset: int = -1
+    run_bytes: int = 0  # read in sequence so far
     window: int = 0
     ahead_until: int = 0  # chunk index up to which readahead was already started
 
@@ -131,15 +135,7 @@ class BlobReader:
                 if len(chunks) == 1:
                     out = await self._slice(chunks.start, offset, size)
                 else:
-                    parts: list[bytes | memoryview] = [b""] * len(chunks)
-
-                    async def load(slot: int, i: int) -> None:
-                        parts[slot] = await self._slice(i, offset, size)
-
-                    async with trio.open_nursery() as nursery:
-                        for slot, i in enumerate(chunks):
-                            nursery.start_soon(load, slot, i)
-                    out = b"".join(parts)
+                    out = await self._read_span(chunks, offset, size)
         except trio.TooSlowError:
             self.failed_reads += 1
             self.stats.error("timeout")
@@ -152,6 +148,24 @@ class BlobReader:
             raise ReadFailed(str(exc)) from None
         self.served_bytes += len(out)
         return out
+
+    async def _read_span(self, chunks: range, offset: int, size: int) -> bytes:
+        """Several chunks at once; the first failure is raised as itself, not as a group."""
+        parts: list[bytes | memoryview] = [b""] * len(chunks)
+        errors: list[Exception] = []
+
+        async def load(slot: int, i: int) -> None:
+            try:
+                parts[slot] = await self._slice(i, offset, size)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for slot, i in enumerate(chunks):
+                nursery.start_soon(load, slot, i)
+        if errors:
+            raise errors[0]
+        return b"".join(parts)
 
     async def _slice(self, i: int, offset: int, size: int) -> memoryview:
         """The part of chunk ``i`` that falls in ``[offset, offset+size)``."""
@@ -214,7 +228,10 @@ class BlobReader:
         state = self._streams.setdefault(stream, _Stream())
         sequential = offset == state.next_offset
         state.next_offset = offset + size
-        if not sequential:
+        state.run_bytes = state.run_bytes + size if sequential else size
+        if state.run_bytes < SEQUENTIAL_THRESHOLD:
+            # the kernel's own readahead makes a few consecutive requests after any read;
+            # only a longer run is a sequential reader worth fetching ahead for
             state.window = 0
             state.ahead_until = next_chunk
             return

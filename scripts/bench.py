@@ -7,6 +7,7 @@ results table in docs/benchmarks.md is written from what this run measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,10 +333,194 @@ def bench_update(work: Path, v1: Path, v2: Path, report: Report) -> None:
     report.extra["update_bytes"] = {"cafuse": b_cafuse, "casync": b_casync}
 
 
-SECTIONS = ("make", "extract", "update")
+# ------------------------------------------------------------------ mount
+
+
+@contextlib.contextmanager
+def cafuse_mount(index: Path, mnt: Path, *args: object) -> Iterator[Path]:
+    mnt.mkdir(exist_ok=True)
+    sh(*CAFUSE, "mount", index, mnt, *args)
+    try:
+        yield mnt / os.listdir(mnt)[0]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+@contextlib.contextmanager
+def ceiling_mount(image: Path, mnt: Path) -> Iterator[Path]:
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([CAFUSE[0], str(ROOT / "scripts" / "ceiling_fs.py"), str(image),
+                             str(mnt)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield mnt / "image"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+
+
+def read_sequential(path: Path, block: int = 1 << 20) -> float:
+    """Seconds to read the whole file in 1 MiB reads."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        buf = bytearray(block)
+        view = memoryview(buf)
+        while os.readv(fd, [view]):
+            pass
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
+def forget_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def random_reads_per_second(path: Path, count: int = 20000, threads: int = 4) -> float:
+    """4 KiB preads at random page-aligned offsets, kernel readahead off, 4 threads."""
+    size = path.stat().st_size
+    rng = random.Random(3)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+    forget_pages(path)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    try:
+        def work(part: list[int]) -> None:
+            for offset in part:
+                os.pread(fd, 4096, offset)
+
+        parts = [offsets[i::threads] for i in range(threads)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, parts))
+        return count / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+
+
+def bench_mount(work: Path, v1: Path, report: Report) -> None:
+    size = v1.stat().st_size
+    index, store = work / "v1.caibx", work / "c.store"
+    results: dict[str, float] = {}
+    with ceiling_mount(v1, work / "ceil") as blob:
+        forget_pages(blob)
+        results["ceiling cold"] = size / read_sequential(blob) / 1e6
+        results["ceiling warm"] = size / read_sequential(blob) / 1e6
+        results["ceiling random"] = random_reads_per_second(blob)
+    warm(v1)
+    results["page cache"] = size / min(read_sequential(v1) for _ in range(3)) / 1e6
+    best_cold = 0.0
+    for _ in range(2):
+        with cafuse_mount(index, work / "mnt", "--store", store) as blob:
+            best_cold = max(best_cold, size / read_sequential(blob) / 1e6)
+            results["cafuse warm"] = size / min(read_sequential(blob) for _ in range(3)) / 1e6
+    results["cafuse cold"] = best_cold
+    with cafuse_mount(index, work / "mnt", "--store", store, "--memory-cache", "4G") as blob:
+        read_sequential(blob)  # every chunk into the daemon's memory cache
+        results["cafuse random"] = random_reads_per_second(blob)
+    report.add("mount: cold sequential read, local store", f"{results['cafuse cold']:.0f} MB/s",
+               f"{results['ceiling cold']:.0f} MB/s (in-memory pyfuse3 file)",
+               results["cafuse cold"] / results["ceiling cold"], ">= 0.75x")
+    report.add("mount: warm re-read", f"{results['cafuse warm']:.0f} MB/s",
+               f"{results['page cache']:.0f} MB/s (raw image, page cache)",
+               results["cafuse warm"] / results["page cache"], ">= 0.5x")
+    report.add("mount: random 4 KiB reads, chunks in memory",
+               f"{results['cafuse random']:.0f} reads/s",
+               f"{results['ceiling random']:.0f} reads/s (in-memory pyfuse3 file)",
+               results["cafuse random"] / results["ceiling random"], ">= 0.7x")
+    report.extra["mount"] = results
+
+
+def bench_startup(work: Path, report: Report) -> None:
+    """Mount start-up time and daemon RSS for a synthetic index of 1,000,000 chunks."""
+    import numpy as np
+
+    from cafuse.digest import FLAG_BLAKE3
+    from cafuse.index import Index, write_index
+
+    n = 1_000_000
+    index = work / "million.caibx"
+    ends = np.arange(1, n + 1, dtype=np.uint64) * 65536
+    ids = np.random.default_rng(5).integers(0, 256, (n, 32), dtype=np.uint8)
+    write_index(index, Index(FLAG_BLAKE3, 16384, 65536, 262144, ends, ids))
+    store = work / "empty.store"
+    store.mkdir(exist_ok=True)
+    mnt = work / "mnt-million"
+    mnt.mkdir(exist_ok=True)
+    best = float("inf")
+    rss_mb = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        sh(*CAFUSE, "mount", index, mnt, "--store", store)
+        best = min(best, time.perf_counter() - started)
+        try:
+            assert (mnt / "million").stat().st_size == n * 65536
+            rss_mb = max(rss_mb, daemon_rss_mb(mnt))
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    report.add("mount start-up, 1M-chunk index", f"{best:.2f} s, {rss_mb:.0f} MB RSS", "-",
+               None, "< 1 s, < 150 MB", "(time until `cafuse mount` returns with the mount "
+               "live; RSS of the daemon)")
+    report.extra["startup"] = {"seconds": best, "rss_mb": rss_mb}
+
+
+def daemon_rss_mb(mnt: Path) -> float:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"mount" in cmdline and str(mnt).encode() in cmdline:
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    raise RuntimeError("mount daemon not found")
+
+
+SECTIONS = ("make", "extract", "update", "mount", "startup")
 
 
 # ------------------------------------------------------------------ report
+
+
+def plot(report: Report) -> None:
+    """Bar chart of each row's ratio against its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.ratio is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    labels = [r.job for r in rows][::-1]
+    ratios = [r.ratio for r in rows][::-1]
+    targets = [_target_value(r.target) for r in rows][::-1]
+    colors = ["#2a9d8f" if t is None or v >= t else "#e76f51"
+              for v, t in zip(ratios, targets, strict=True)]
+    ax.barh(labels, ratios, color=colors)
+    for y, t in enumerate(targets):
+        if t is not None:
+            ax.plot([t, t], [y - 0.4, y + 0.4], color="black", linewidth=2)
+    ax.set_xlabel("cafuse / baseline (higher is better; black tick = target)")
+    ax.set_title("cafuse against casync and the pyfuse3 ceiling, one run")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "benchmarks.png", dpi=110)
+    plt.close(fig)
+
+
+def _target_value(target: str) -> float | None:
+    match = re.search(r">=\s*([0-9.]+)", target)
+    return float(match.group(1)) if match else None
 
 
 def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: float) -> None:
@@ -360,7 +546,8 @@ def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: 
         lines.append(
             f"| {row.job} | {row.cafuse} | {row.baseline} | {ratio} | {row.target} | {row.note} |"
         )
-    lines += ["", f"Total benchmark time: {seconds:.0f} s.", ""]
+    lines += ["", "![ratios](benchmarks.png)", "",
+              f"Total benchmark time: {seconds:.0f} s.", ""]
     notes = ROOT / "docs" / "benchmarks-notes.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -394,12 +581,17 @@ def main() -> None:
     only = set(args.only.split(","))
     if "make" in only:
         bench_make(args.work, v1, report)
-    if only & {"extract", "update"}:
+    if only & {"extract", "update", "mount"}:
         prepare_stores(args.work, v1, v2)
     if "extract" in only:
         bench_extract(args.work, v1, report)
     if "update" in only:
         bench_update(args.work, v1, v2, report)
+    if "mount" in only:
+        bench_mount(args.work, v1, report)
+    if "startup" in only:
+        bench_startup(args.work, report)
+    plot(report)
     write_markdown(report, args, v1, time.monotonic() - started)
     print("bench: wrote docs/benchmarks.md")
     if not args.keep:

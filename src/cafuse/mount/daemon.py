@@ -104,13 +104,18 @@ def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) 
     from .fs import BlobFS
     from .reader import BlobReader
 
+    # a local chunk takes about as long to decompress and verify as a thread hop costs the
+    # event loop (~80 us): batch them, no more threads than cores. Remote fetches wait on
+    # the network: one chunk per thread, many threads.
+    local = all(store.is_local for store in source.stores)
     reader = BlobReader(
         index,
         source,
         memory_cache=opts.memory_cache,
         readahead=opts.readahead,
-        concurrency=opts.concurrency,
+        concurrency=min(opts.concurrency, os.cpu_count() or 2) if local else opts.concurrency,
         timeout=opts.timeout,
+        batch=8 if local else 1,
     )
     fs = BlobFS(reader, opts.file_name, mtime_ns)
     fuse_options = set(opts.fuse_options)

@@ -27,6 +27,7 @@ class ChunkStore(ABC):
 
     url: str
     writable: bool = False
+    is_local: bool = False  # on this machine: no network latency to hide
 
     @abstractmethod
     def get(self, chunk_id: bytes) -> bytes | None:

@@ -23,6 +23,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 class LocalStore(ChunkStore):
     writable = True
+    is_local = True
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
         self.root = Path(root)

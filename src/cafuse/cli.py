@@ -19,6 +19,7 @@ from .errors import CafuseError
 log = logging.getLogger("cafuse")
 
 Handler = Callable[[argparse.Namespace], int]
+REMOTE_CONCURRENCY = 16
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,42 +49,48 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _default_threads() -> int:
-    return max(4, 2 * (os.cpu_count() or 2))
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------- shared helpers
 
 
-def _open_stores(locations: Sequence[str] | None, *, required: bool = True) -> list:
-    from .stores import open_store
+def remote_options(args: argparse.Namespace):
+    from .resolve import RemoteOptions
 
-    if not locations:
-        if required:
-            raise CafuseError("no chunk store given: add --store DIR")
-        return []
-    return [open_store(loc) for loc in locations]
-
-
-def _source(args: argparse.Namespace, digest: str):
-    from .fetch import ChunkSource
-    from .seed import Seed
-
-    seeds = [Seed.parse(spec) for spec in getattr(args, "seed", None) or []]
-    for seed in seeds:
-        if seed.index.digest != digest:
-            raise CafuseError(
-                f"seed {seed.path} uses digest {seed.index.digest} but the index "
-                f"uses {digest}: seeds must be made with the same --digest"
-            )
-    stores = _open_stores(args.store, required=not seeds)
-    return ChunkSource(digest, stores, seeds)
+    return RemoteOptions(
+        timeout=args.timeout,
+        retries=args.retries,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
+        cache=getattr(args, "cache", None),
+        cache_size=getattr(args, "cache_size", None) or "10G",
+    )
 
 
-def _read_index(path: str):
-    from .index import read_index
+def _concurrency(args: argparse.Namespace, source) -> int:
+    if args.concurrency:
+        return args.concurrency
+    if any(not store.is_local for store in source.stores):
+        return REMOTE_CONCURRENCY
+    return max(4, 2 * (os.cpu_count() or 2))
 
-    return read_index(path)
+
+def _index_and_source(args: argparse.Namespace):
+    from .resolve import build_source, load_index, probe_stores
+
+    remote = remote_options(args)
+    index = load_index(args.index, remote)
+    source = build_source(index, args.index, args.store, getattr(args, "seed", None), remote)
+    probe_stores(source, index, offline_ok=source.cache is not None)
+    return index, source
 
 
 def _print_json(data: object) -> None:
@@ -96,16 +103,12 @@ def _print_json(data: object) -> None:
 
 def cmd_make(args: argparse.Namespace) -> int:
     from .chunker import DEFAULT_SIZES, ChunkSizes
-    from .codec import COMPRESSIONS
     from .make import make
-    from .stores import open_store
 
     sizes = ChunkSizes.parse(args.chunk_size) if args.chunk_size else DEFAULT_SIZES
-    if args.compression not in COMPRESSIONS:
-        raise CafuseError(f"unknown compression {args.compression!r}")
     if not 1 <= args.level <= 22:
         raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
-    store = open_store(args.store, writable=True)
+    store = remote_options(args).open(args.store, writable=True)
     result = make(
         args.index,
         args.file,
@@ -124,9 +127,10 @@ def cmd_make(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .extract import extract
 
-    index = _read_index(args.index)
-    source = _source(args, index.digest)
-    result = extract(index, args.output, source, in_place=args.in_place, threads=args.threads)
+    index, source = _index_and_source(args)
+    result = extract(
+        index, args.output, source, in_place=args.in_place, threads=_concurrency(args, source)
+    )
     print(result.summary(args.output))
     return 0
 
@@ -134,21 +138,41 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     from .cat import cat
 
-    index = _read_index(args.index)
-    source = _source(args, index.digest)
+    index, source = _index_and_source(args)
     try:
-        cat(index, source, sys.stdout.buffer, args.offset, args.length, threads=args.threads)
+        cat(
+            index,
+            source,
+            sys.stdout.buffer,
+            args.offset,
+            args.length,
+            threads=_concurrency(args, source),
+        )
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .prefetch import fill_cache
+
+    if not args.cache:
+        raise CafuseError("cafuse cache needs --cache DIR: the directory to fill")
+    index, source = _index_and_source(args)
+    report = fill_cache(index, source, threads=_concurrency(args, source))
+    print(report.summary(args.cache))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .inspect import index_info, store_presence
+    from .resolve import load_index
 
-    index = _read_index(args.index)
+    remote = remote_options(args)
+    index = load_index(args.index, remote)
     info = index_info(index)
-    for store in _open_stores(args.store, required=False):
+    for text in args.store or []:
+        store = remote.open(text)
         info.setdefault("stores", {})[store.url] = store_presence(index, store)
     if args.json:
         _print_json(info)
@@ -165,14 +189,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .inspect import verify_store
-    from .stores import open_store
+    from .resolve import load_index
 
-    index = _read_index(args.index)
-    store = open_store(args.store)
-    report = verify_store(index, store, repair=args.repair, threads=args.threads)
+    remote = remote_options(args)
+    index = load_index(args.index, remote)
+    store = remote.open(args.store)
+    report = verify_store(
+        index, store, repair=args.repair, threads=args.concurrency or REMOTE_CONCURRENCY
+    )
     bad = len(report.missing) + len(report.corrupt)
     print(
-        f"{args.store}: {report.checked} chunks checked, {len(report.missing)} missing, "
+        f"{store.url}: {report.checked} chunks checked, {len(report.missing)} missing, "
         f"{len(report.corrupt)} corrupt" + (f", {report.repaired} deleted" if args.repair else "")
     )
     if bad:
@@ -183,24 +210,60 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else "run with --repair to delete corrupt chunks, then re-run make"
         )
         raise CafuseError(
-            f"store {args.store} is incomplete for {args.index} (first bad chunk {first}): {hint}"
+            f"store {store.url} is incomplete for {args.index} (first bad chunk {first}): {hint}"
         )
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from .inspect import collect_garbage
-    from .stores import open_store
+    from .resolve import load_index
 
-    indexes = [_read_index(path) for path in args.indexes]
-    store = open_store(args.store)
+    remote = remote_options(args)
+    indexes = [load_index(path, remote) for path in args.indexes]
+    store = remote.open(args.store)
     report = collect_garbage(store, indexes, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{args.store}: kept {report.kept} chunks, {verb} {report.deleted}")
+    print(f"{store.url}: kept {report.kept} chunks, {verb} {report.deleted}")
     return 0
 
 
 # ---------------------------------------------------------------- parser
+
+
+def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    g = p.add_argument_group("remote stores")
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on a chunk (all retries included) after this long (default: %(default)s)",
+    )
+    g.add_argument(
+        "--retries",
+        type=_nonnegative_int,
+        default=4,
+        help="retries of a failed request: network errors, timeouts, 5xx (default: %(default)s)",
+    )
+    g.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    g.add_argument("--s3-region", metavar="REGION", help="S3 region (default: $AWS_REGION)")
+    if cache:
+        g.add_argument(
+            "--cache",
+            metavar="DIR",
+            help="local chunk cache in front of the stores, shared by processes",
+        )
+        g.add_argument(
+            "--cache-size",
+            metavar="SIZE",
+            default="10G",
+            help="bound of the cache; least recently used chunks go first (default: %(default)s)",
+        )
 
 
 def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
@@ -209,7 +272,8 @@ def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
         "-s",
         action="append",
         metavar="STORE",
-        help="chunk store to read from; repeat to try several in order",
+        help="chunk store (path or URL; A|B is a failover group); repeat to try "
+        "several in order (default: default.castr next to the index)",
     )
     if seeds:
         p.add_argument(
@@ -219,11 +283,14 @@ def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
             help="local image whose chunks are used before any store; repeatable",
         )
     p.add_argument(
+        "--concurrency",
         "--threads",
+        dest="concurrency",
         type=_positive_int,
-        default=_default_threads(),
-        help="worker threads (default: %(default)s)",
+        help=f"chunks in flight (default: {REMOTE_CONCURRENCY} with remote stores, "
+        "2 per core otherwise)",
     )
+    add_remote_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make", help="chunk an image into a store and write its index")
     p.add_argument("index", metavar="INDEX", help="index file to write (.caibx)")
     p.add_argument("file", metavar="FILE", help="image file or block device to read")
-    p.add_argument("--store", "-s", required=True, help="chunk store to write to")
+    p.add_argument(
+        "--store",
+        "-s",
+        required=True,
+        help="chunk store to write to: a directory or s3://bucket/prefix",
+    )
     p.add_argument(
         "--digest",
         choices=("blake3", "sha512-256", "sha256"),
@@ -264,12 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sync",
         action="store_true",
-        help="flush the store to disk before writing the index (power-cut safe, slower)",
+        help="flush the store to disk before writing the index (power-cut safe)",
     )
+    add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_make)
 
     p = sub.add_parser("extract", help="rebuild an image from its index")
-    p.add_argument("index", metavar="INDEX")
+    p.add_argument("index", metavar="INDEX", help="index file or URL")
     p.add_argument("output", metavar="OUTPUT", help="file or block device to write")
     _add_source_options(p)
     p.add_argument(
@@ -280,34 +353,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("cat", help="write (part of) an image to stdout")
-    p.add_argument("index", metavar="INDEX")
+    p.add_argument("index", metavar="INDEX", help="index file or URL")
     _add_source_options(p)
     p.add_argument("--offset", type=_nonnegative_int, default=0)
     p.add_argument("--length", type=_nonnegative_int, default=None)
     p.set_defaults(handler=cmd_cat)
 
+    p = sub.add_parser("cache", help="fetch every chunk an index needs into --cache DIR")
+    p.add_argument("index", metavar="INDEX", help="index file or URL")
+    _add_source_options(p, seeds=False)
+    p.set_defaults(handler=cmd_cache)
+
     p = sub.add_parser("info", help="describe an index (and what a store holds of it)")
-    p.add_argument("index", metavar="INDEX")
+    p.add_argument("index", metavar="INDEX", help="index file or URL")
     p.add_argument("--store", "-s", action="append", metavar="STORE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_info)
 
     p = sub.add_parser("verify", help="check every chunk of an index in a store")
-    p.add_argument("index", metavar="INDEX")
+    p.add_argument("index", metavar="INDEX", help="index file or URL")
     p.add_argument("--store", "-s", required=True)
     p.add_argument("--repair", action="store_true", help="delete corrupt chunks")
-    p.add_argument("--threads", type=_positive_int, default=_default_threads())
+    p.add_argument("--concurrency", "--threads", dest="concurrency", type=_positive_int)
+    add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("gc", help="delete chunks that no given index references")
     p.add_argument("store", metavar="STORE")
     p.add_argument("indexes", metavar="INDEX", nargs="+")
     p.add_argument("--dry-run", "-n", action="store_true", help="only count")
+    add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_gc)
 
     from .mount.cli import add_mount_commands  # light: no pyfuse3 import at this point
 
-    add_mount_commands(sub)
+    add_mount_commands(sub, add_remote_options)
     return parser
 
 

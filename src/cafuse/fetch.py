@@ -16,7 +16,7 @@ from .digest import hash_function
 from .errors import ChunkUnavailable
 from .seed import Seed
 from .stats import FetchStats
-from .stores import ChunkStore, StoreError
+from .stores import CacheStore, ChunkStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,14 @@ class ChunkSource:
         stores: Sequence[ChunkStore],
         seeds: Sequence[Seed] = (),
         stats: FetchStats | None = None,
+        cache: CacheStore | None = None,
     ) -> None:
         self.digest = digest
         self.hash = hash_function(digest)
         self.stores = list(stores)
         self.seeds = list(seeds)
         self.stats = stats or FetchStats()
+        self.cache = cache
 
     def get(self, chunk_id: bytes, size: int) -> tuple[bytes, str]:
         """Verified data of a chunk of ``size`` bytes, and the name of the source it came from."""
@@ -43,11 +45,22 @@ class ChunkSource:
         data = self._from_seeds(chunk_id, size)
         if data is not None:
             return data, "seed"
+        if self.cache is not None:
+            data = self._from_cache(chunk_id, size)
+            if data is not None:
+                return data, self.cache.url
         reasons: list[str] = []
         for store in self.stores:
-            data = self._from_store(store, chunk_id, size, reasons)
-            if data is not None:
+            found = self._from_store(store, chunk_id, size, reasons)
+            if found is not None:
+                data, blob = found
                 self.stats.latency(time.monotonic() - started)
+                if self.cache is not None:
+                    try:
+                        self.cache.put(chunk_id, blob)
+                    except StoreError as exc:
+                        log.warning("%s", exc)
+                        self.stats.error("cache write")
                 return data, store.url
         self.stats.error("unavailable")
         raise ChunkUnavailable(chunk_id, reasons)
@@ -90,7 +103,7 @@ class ChunkSource:
             else:
                 if self.verify(chunk_id, data, size):
                     self.stats.add(store.url, size, len(blob))
-                    return data
+                    return data, blob
                 problem = f"corrupt in {store.url} (digest mismatch)"
             log.info("chunk %s %s", chunk_id.hex(), problem)
             self.stats.error("corrupt")

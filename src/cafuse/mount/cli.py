@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import CafuseError
 from ..sizes import format_size, parse_size
@@ -30,8 +30,14 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
         opts.memory_cache = parse_size(args.memory_cache, "--memory-cache")
     if args.readahead is not None:
         opts.readahead = args.readahead
-    if args.timeout is not None:
-        opts.timeout = args.timeout
+    opts.timeout = args.timeout if args.timeout is not None else opts.timeout
+    opts.retries = args.retries if args.retries is not None else opts.retries
+    opts.cache = args.cache or opts.cache
+    opts.cache_size = args.cache_size or opts.cache_size
+    opts.s3_endpoint = args.s3_endpoint or opts.s3_endpoint
+    opts.s3_region = args.s3_region or opts.s3_region
+    if args.concurrency:
+        opts.concurrency = args.concurrency
     if args.log:
         opts.log_file = os.path.abspath(args.log)
     opts.foreground = args.foreground
@@ -104,7 +110,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_mount_commands(sub: argparse._SubParsersAction) -> None:
+def add_mount_commands(
+    sub: argparse._SubParsersAction, add_remote_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
     p = sub.add_parser(
         "mount",
         help="mount an index as one read-only file, fetched lazily",
@@ -136,10 +144,10 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
     )
     p.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a read that takes longer fails with EIO (default 60)",
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="chunk fetches in flight for readahead (default 16)",
     )
     p.add_argument("--name", help="file name inside the mount (default: index name)")
     p.add_argument(
@@ -156,7 +164,9 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         help="comma-separated options as in fstab: store=,seed=,name=,"
         "memory_cache=,readahead=,timeout=,log=,allow_other",
     )
-    p.set_defaults(handler=cmd_mount)
+    add_remote_options(p)
+    # for the mount, --timeout also bounds each read: past it the read fails with EIO
+    p.set_defaults(handler=cmd_mount, timeout=None, retries=None, cache_size=None)
 
     p = sub.add_parser("umount", help="unmount a cafuse mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ..errors import CafuseError
@@ -42,25 +43,24 @@ def mount(opts: MountOptions) -> int:
     # no thread pools in numpy: the process must have one thread when it forks
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from ..fetch import ChunkSource
-    from ..index import read_index
-    from ..seed import Seed
-    from ..stores import open_store
+    from ..resolve import RemoteOptions, build_source, load_index, probe_stores
+    from ..stores import parse_location
 
     check_mountpoint(opts.mountpoint)
-    index = read_index(opts.index)
-    if not opts.stores and not opts.seeds:
-        raise CafuseError("no chunk store given: add --store STORE (or -o store=STORE)")
-    seeds = [Seed.parse(spec) for spec in opts.seeds]
-    for seed in seeds:
-        if seed.index.digest != index.digest:
-            raise CafuseError(
-                f"seed {seed.path} uses digest {seed.index.digest} but the index "
-                f"uses {index.digest}: seeds must be made with the same --digest"
-            )
-    source = ChunkSource(index.digest, [open_store(s) for s in opts.stores], seeds)
+    remote = RemoteOptions(
+        timeout=opts.timeout,
+        retries=opts.retries,
+        s3_endpoint=opts.s3_endpoint,
+        s3_region=opts.s3_region,
+        cache=opts.cache,
+        cache_size=opts.cache_size,
+    )
+    index = load_index(opts.index, remote)
+    source = build_source(index, opts.index, opts.stores, opts.seeds, remote)
+    probe_stores(source, index, offline_ok=source.cache is not None)
     index.zero_mask  # computed before serving, not on the first read  # noqa: B018
-    mtime_ns = os.stat(opts.index).st_mtime_ns
+    location = parse_location(opts.index, "index")
+    mtime_ns = os.stat(location.path).st_mtime_ns if location.is_local else time.time_ns()
 
     if opts.foreground:
         _setup_logging(opts, daemon=False)
@@ -101,6 +101,7 @@ def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) 
     import pyfuse3
     import trio
 
+    from ..stores import parse_location
     from .fs import BlobFS
     from .reader import BlobReader
 
@@ -119,7 +120,10 @@ def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) 
     )
     fs = BlobFS(reader, opts.file_name, mtime_ns)
     fuse_options = set(opts.fuse_options)
-    fuse_options.add(f"fsname={os.path.abspath(opts.index)}")
+    location = parse_location(opts.index, "index")
+    fuse_options.add(
+        f"fsname={os.path.abspath(location.path) if location.is_local else location.display}"
+    )
     fuse_options.add("subtype=cafuse")
     try:
         pyfuse3.init(fs, opts.mountpoint, fuse_options)
@@ -189,7 +193,8 @@ def _setup_logging(opts: MountOptions, daemon: bool) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(min(root.level, logging.INFO) if opts.log_file else root.level)
+    # a daemon's log is where corrupt copies, failed reads and evictions are reported
+    root.setLevel(min(root.level, logging.INFO) if opts.log_file or daemon else root.level)
 
 
 def umount(mountpoint: str) -> None:

@@ -34,6 +34,25 @@ IGNORED_OPTIONS = {
     "dev",
 }
 PASSED_OPTIONS = {"allow_other", "allow_root", "noexec", "noatime"}
+VALUE_OPTIONS = {
+    "store",
+    "seed",
+    "name",
+    "memory_cache",
+    "memory-cache",
+    "readahead",
+    "timeout",
+    "concurrency",
+    "log",
+    "retries",
+    "cache",
+    "cache_size",
+    "cache-size",
+    "s3_endpoint",
+    "s3-endpoint",
+    "s3_region",
+    "s3-region",
+}
 
 
 @dataclass
@@ -46,7 +65,12 @@ class MountOptions:
     memory_cache: int = 256 << 20
     readahead: int = 32
     concurrency: int = 16
-    timeout: float = 60.0
+    timeout: float = 30.0
+    retries: int = 4
+    cache: str | None = None
+    cache_size: str = "10G"
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
     foreground: bool = False
     log_file: str | None = None
     fuse_options: set[str] = field(default_factory=lambda: set(DEFAULT_FUSE_OPTIONS))
@@ -90,6 +114,17 @@ class MountOptions:
                 self.timeout = _seconds(value)
             elif key == "log":
                 self.log_file = value
+            elif key == "retries":
+                self.retries = _whole(value, key)
+            elif key == "cache":
+                self.cache = value
+            elif key in ("cache_size", "cache-size"):
+                parse_size(value, "cache_size")
+                self.cache_size = value
+            elif key in ("s3_endpoint", "s3-endpoint"):
+                self.s3_endpoint = value
+            elif key in ("s3_region", "s3-region"):
+                self.s3_region = value
             elif key == "rw":
                 raise CafuseError("cafuse mounts are read-only: drop the 'rw' mount option")
             elif key in PASSED_OPTIONS:

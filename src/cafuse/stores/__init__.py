@@ -1,27 +1,63 @@
-"""Chunk stores: open one from a path or URL."""
+"""Chunk stores: open one from a path or URL (``A|B`` for a failover group)."""
 
 from __future__ import annotations
 
-from ..errors import CafuseError
 from .base import ChunkStore, ReadOnlyStore, StoreError, chunk_path
+from .cache import CacheStore
+from .failover import FailoverGroup
 from .local import LocalStore
+from .location import Location, parse_location, redact
+from .retry import RetryPolicy, TransientStoreError
 
-__all__ = ["ChunkStore", "LocalStore", "ReadOnlyStore", "StoreError", "chunk_path", "open_store"]
+__all__ = [
+    "CacheStore",
+    "ChunkStore",
+    "FailoverGroup",
+    "LocalStore",
+    "Location",
+    "ReadOnlyStore",
+    "RetryPolicy",
+    "StoreError",
+    "TransientStoreError",
+    "chunk_path",
+    "open_store",
+    "parse_location",
+    "redact",
+]
 
 
-def open_store(location: str, *, writable: bool = False) -> ChunkStore:
-    """Open a store from a local path or ``file://`` URL.
-
-    ``writable`` creates a missing local directory (make, cache) instead of failing.
-    """
-    if location.startswith("file://"):
-        location = location[len("file://") :]
-    elif "://" in location:
-        scheme = location.split("://", 1)[0]
-        raise CafuseError(
-            f"unsupported store URL scheme {scheme!r} in {location!r}: "
-            "use a local directory or file:// URL"
+def open_store(
+    text: str,
+    *,
+    writable: bool = False,
+    retry: RetryPolicy | None = None,
+    s3_endpoint: str | None = None,
+    s3_region: str | None = None,
+) -> ChunkStore:
+    """Open a store from a path, ``file://``, ``http(s)://``, ``s3://``, ``gs://`` or
+    ``az://`` URL. ``writable`` creates a missing local directory (make, cache)."""
+    if "|" in text:
+        return FailoverGroup(
+            [
+                open_store(
+                    part,
+                    writable=writable,
+                    retry=retry,
+                    s3_endpoint=s3_endpoint,
+                    s3_region=s3_region,
+                )
+                for part in text.split("|")
+            ]
         )
-    if not location:
-        raise CafuseError("empty store location: give --store DIR")
-    return LocalStore(location, create=writable)
+    location = parse_location(text)
+    if location.is_local:
+        return LocalStore(location.path, create=writable)
+    from .objectstore import ObjectChunkStore
+
+    store = ObjectChunkStore(location, retry=retry, s3_endpoint=s3_endpoint, s3_region=s3_region)
+    if writable and not store.writable:
+        raise ReadOnlyStore(
+            f"store {store.url} is read-only (HTTP): write to a local "
+            "directory or an object store (s3://...)"
+        )
+    return store

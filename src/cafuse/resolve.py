@@ -1,0 +1,143 @@
+"""From what the user typed to working objects: index locations (paths or URLs), stores
+(casync's ``default.castr`` next to the index when none is given), seeds, the cache, and the
+``ChunkSource`` every job fetches through. Shared by the CLI and the mount daemon."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from .errors import CafuseError
+from .fetch import ChunkSource
+from .index import Index, parse_index, read_index
+from .seed import Seed
+from .sizes import parse_size
+from .stores import (
+    CacheStore,
+    ChunkStore,
+    RetryPolicy,
+    StoreError,
+    open_store,
+    parse_location,
+)
+from .stores.location import parent_and_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_NAME = "default.castr"
+
+
+@dataclass
+class RemoteOptions:
+    """How to reach stores: retries, deadline, S3 endpoint and region, the local cache."""
+
+    timeout: float = 30.0
+    retries: int = 4
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    cache: str | None = None
+    cache_size: str = "10G"
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(retries=self.retries, timeout=self.timeout)
+
+    def open(self, text: str, writable: bool = False) -> ChunkStore:
+        return open_store(
+            text,
+            writable=writable,
+            retry=self.retry,
+            s3_endpoint=self.s3_endpoint,
+            s3_region=self.s3_region,
+        )
+
+    def open_cache(self) -> CacheStore | None:
+        if not self.cache:
+            return None
+        return CacheStore(self.cache, parse_size(self.cache_size, "--cache-size"))
+
+
+def load_index(text: str, remote: RemoteOptions | None = None) -> Index:
+    """An index from a local path or an http(s)/s3/gs/az URL."""
+    location = parse_location(text, "index")
+    if location.is_local:
+        return read_index(location.path)
+    directory, name = parent_and_name(location)
+    store = (remote or RemoteOptions()).open(directory)
+    try:
+        raw = store.fetch_file(name)  # type: ignore[attr-defined]
+    except StoreError as exc:
+        raise CafuseError(f"cannot fetch index {location.display}: {exc}") from None
+    return parse_index(raw, location.display)
+
+
+def default_store(index_text: str) -> str:
+    """casync's default: ``default.castr`` beside the index."""
+    location = parse_location(index_text, "index")
+    directory, _ = parent_and_name(location)
+    if location.is_local:
+        return os.path.join(os.path.dirname(os.path.abspath(location.path)), DEFAULT_STORE_NAME)
+    return f"{directory}/{DEFAULT_STORE_NAME}"
+
+
+def open_stores(
+    index_text: str, stores: list[str] | None, remote: RemoteOptions, *, required: bool = True
+) -> list[ChunkStore]:
+    """The stores given, or casync's default beside the index; none is acceptable only
+    when something else (a seed) can supply chunks."""
+    if stores:
+        return [remote.open(s) for s in stores]
+    fallback = default_store(index_text)
+    if parse_location(fallback).is_local and not os.path.isdir(fallback):
+        if not required:
+            return []
+        raise CafuseError(
+            f"no chunk store given and the default {fallback} does not exist: add --store STORE"
+        )
+    return [remote.open(fallback)]
+
+
+def build_source(
+    index: Index,
+    index_text: str,
+    stores: list[str] | None,
+    seeds: list[str] | None,
+    remote: RemoteOptions,
+) -> ChunkSource:
+    seed_objects = [Seed.parse(spec) for spec in seeds or []]
+    for seed in seed_objects:
+        if seed.index.digest != index.digest:
+            raise CafuseError(
+                f"seed {seed.path} uses digest {seed.index.digest} but the index "
+                f"uses {index.digest}: seeds must be made with the same --digest"
+            )
+    cache = remote.open_cache()
+    store_objects = open_stores(index_text, stores, remote, required=not seed_objects)
+    return ChunkSource(index.digest, store_objects, seed_objects, cache=cache)
+
+
+def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None:
+    """Fail early, with the reason, when a remote store cannot be reached at all.
+
+    With ``offline_ok`` (a cache is there to serve from) only warn.
+    """
+    remote = [s for s in source.stores if not s.is_local]
+    if not remote or not index.chunk_count:
+        return
+    probe = index.chunk_id(int(index.distinct_positions()[0]))
+    failures = []
+    for store in remote:
+        try:
+            store.has(probe)
+            return  # one reachable store is enough to start
+        except StoreError as exc:
+            failures.append(str(exc))
+    message = "; ".join(failures)
+    if offline_ok:
+        log.warning("no store reachable (%s): serving from the cache only", message)
+        return
+    raise CafuseError(
+        f"cannot reach any store: {message} (check the URL and the network, "
+        "or use --cache with chunks fetched before)"
+    )

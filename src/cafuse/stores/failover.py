@@ -1,0 +1,63 @@
+"""``A|B``: a failover group of stores holding the same chunks (desync's semantics).
+
+A member that errors or lacks a chunk hands over to the next; the group fails only when
+every member did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from .base import ChunkStore, StoreError
+
+
+class FailoverGroup(ChunkStore):
+    def __init__(self, members: Sequence[ChunkStore]) -> None:
+        self.members = list(members)
+        self.url = "|".join(m.url for m in self.members)
+        self.is_local = all(m.is_local for m in self.members)
+        self.writable = self.members[0].writable
+        self._preferred = 0  # the member that answered last: tried first next time
+
+    def _order(self) -> list[ChunkStore]:
+        first = self._preferred
+        return self.members[first:] + self.members[:first]
+
+    def get(self, chunk_id: bytes) -> bytes | None:
+        errors: list[str] = []
+        for member in self._order():
+            try:
+                blob = member.get(chunk_id)
+            except StoreError as exc:
+                errors.append(str(exc))
+                continue
+            if blob is not None:
+                self._preferred = self.members.index(member)
+                return blob
+        if errors and len(errors) == len(self.members):
+            raise StoreError("; ".join(errors))
+        return None
+
+    def has(self, chunk_id: bytes) -> bool:
+        errors = 0
+        for member in self._order():
+            try:
+                if member.has(chunk_id):
+                    return True
+            except StoreError:
+                errors += 1
+        if errors == len(self.members):
+            raise StoreError(f"every store of {self.url} failed")
+        return False
+
+    def put(self, chunk_id: bytes, blob: bytes) -> bool:
+        return self.members[0].put(chunk_id, blob)
+
+    def delete(self, chunk_id: bytes) -> None:
+        self.members[0].delete(chunk_id)
+
+    def iter_ids(self) -> Iterator[bytes]:
+        return self.members[0].iter_ids()
+
+    def sync(self) -> None:
+        self.members[0].sync()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import lzma
 import threading
+import zlib
 
 import zstandard
 
@@ -53,9 +53,13 @@ def decompress(blob: bytes, max_size: int) -> bytes:
     """
     if blob.startswith(ZSTD_MAGIC):
         try:
+            # a corrupt header can claim any size: check it before anything is allocated
+            declared = zstandard.frame_content_size(blob)
+            if declared > max_size:
+                raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
             return _zstd_decompressor().decompress(blob, max_output_size=max_size)
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"bad zstd data: {exc}") from None
+        except (zstandard.ZstdError, MemoryError) as exc:
+            raise ValueError(f"bad zstd data: {exc or type(exc).__name__}") from None
     if blob.startswith(XZ_MAGIC):
         try:
             dec = lzma.LZMADecompressor()
@@ -64,10 +68,18 @@ def decompress(blob: bytes, max_size: int) -> bytes:
             raise ValueError(f"bad xz data: {exc}") from None
         if len(out) > max_size:
             raise ValueError("xz data larger than the maximum chunk size")
+        if not dec.eof:
+            raise ValueError("bad xz data: truncated")
         return out
     if blob.startswith(GZIP_MAGIC):
         try:
-            return gzip.decompress(blob)[: max_size + 1]
-        except (OSError, EOFError) as exc:
+            dec = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+            out = dec.decompress(blob, max_size + 1)
+        except zlib.error as exc:
             raise ValueError(f"bad gzip data: {exc}") from None
+        if len(out) > max_size:
+            raise ValueError("gzip data larger than the maximum chunk size")
+        if not dec.eof:
+            raise ValueError("bad gzip data: truncated")
+        return out
     return blob

@@ -50,6 +50,7 @@ class ExtractResult:
             f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
             f"({format_size(self.fetched_stored_bytes)} fetched), zero "
             f"{format_size(self.zero)}; {rate:.0f} MB/s"
+            + (f"; {self.bad_copies} bad copies skipped (see -v)" if self.bad_copies else "")
         )
 
 

@@ -83,9 +83,34 @@ class ChunkSource:
             self.stats.error("seed mismatch")
         return None
 
+    def _from_cache(self, chunk_id: bytes, size: int) -> bytes | None:
+        """A cached copy, verified; a corrupt one is deleted so the stores refill it."""
+        assert self.cache is not None
+        try:
+            blob = self.cache.get(chunk_id)
+        except StoreError as exc:
+            log.warning("%s", exc)
+            return None
+        if blob is None:
+            return None
+        try:
+            data = decompress(blob, size)
+            if self.verify(chunk_id, data, size):
+                self.stats.add(self.cache.url, size, len(blob))
+                return data
+        except ValueError:
+            pass
+        log.warning(
+            "cache %s: chunk %s was corrupt, refetching it", self.cache.root, chunk_id.hex()
+        )
+        self.stats.error("cache repaired")
+        self.cache.delete(chunk_id)
+        return None
+
     def _from_store(
         self, store: ChunkStore, chunk_id: bytes, size: int, reasons: list[str]
-    ) -> bytes | None:
+    ) -> tuple[bytes, bytes] | None:
+        """(data, blob as stored) of a verified copy from ``store``."""
         for attempt in range(ATTEMPTS_PER_STORE):
             try:
                 blob = store.get(chunk_id)

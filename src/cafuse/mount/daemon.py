@@ -43,30 +43,19 @@ def mount(opts: MountOptions) -> int:
     # no thread pools in numpy: the process must have one thread when it forks
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from ..resolve import RemoteOptions, build_source, load_index, probe_stores
     from ..stores import parse_location
 
     check_mountpoint(opts.mountpoint)
-    remote = RemoteOptions(
-        timeout=opts.timeout,
-        retries=opts.retries,
-        s3_endpoint=opts.s3_endpoint,
-        s3_region=opts.s3_region,
-        cache=opts.cache,
-        cache_size=opts.cache_size,
-    )
-    index = load_index(opts.index, remote)
-    source = build_source(index, opts.index, opts.stores, opts.seeds, remote)
-    probe_stores(source, index, offline_ok=source.cache is not None)
-    index.zero_mask  # computed before serving, not on the first read  # noqa: B018
-    location = parse_location(opts.index, "index")
-    mtime_ns = os.stat(location.path).st_mtime_ns if location.is_local else time.time_ns()
-
+    # checks that start no threads happen here; opening remote stores starts obstore's
+    # runtime threads, which a fork would lose, so that waits for the child
+    for text in (opts.index, *opts.stores):
+        for part in text.split("|"):
+            parse_location(part)
     if opts.foreground:
         _setup_logging(opts, daemon=False)
-        return _serve(opts, index, source, mtime_ns, ready=None)
+        return _serve(opts, ready=None)
 
-    if threading.active_count() != 1:
+    if _os_thread_count() != 1:
         raise RuntimeError("internal error: threads running before fork")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -89,15 +78,47 @@ def mount(opts: MountOptions) -> int:
     try:
         _setup_logging(opts, daemon=True)
         _detach_stdio()
-        code = _serve(opts, index, source, mtime_ns, ready=write_fd)
-    except BaseException as exc:  # reported to the parent, which prints it
+        code = _serve(opts, ready=write_fd)
+    except CafuseError as exc:  # the user's to fix: the parent prints it as it is
+        _report(write_fd, str(exc))
+        log.error("%s", exc)
+    except BaseException as exc:
         _report(write_fd, f"mount failed: {exc}")
         log.exception("mount daemon failed")
     finally:
         os._exit(code)
 
 
-def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) -> int:
+def _os_thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _open_image(opts: MountOptions):
+    """Index, chunk source and mtime; may start obstore's threads (after the fork)."""
+    from ..resolve import RemoteOptions, build_source, load_index, probe_stores
+    from ..stores import parse_location
+
+    remote = RemoteOptions(
+        timeout=opts.timeout,
+        retries=opts.retries,
+        s3_endpoint=opts.s3_endpoint,
+        s3_region=opts.s3_region,
+        cache=opts.cache,
+        cache_size=opts.cache_size,
+    )
+    index = load_index(opts.index, remote)
+    source = build_source(index, opts.index, opts.stores, opts.seeds, remote)
+    probe_stores(source, index, offline_ok=source.cache is not None)
+    index.zero_mask  # computed before serving, not on the first read  # noqa: B018
+    location = parse_location(opts.index, "index")
+    mtime_ns = os.stat(location.path).st_mtime_ns if location.is_local else time.time_ns()
+    return index, source, mtime_ns
+
+
+def _serve(opts: MountOptions, ready: int | None) -> int:
     import pyfuse3
     import trio
 
@@ -105,6 +126,7 @@ def _serve(opts: MountOptions, index, source, mtime_ns: int, ready: int | None) 
     from .fs import BlobFS
     from .reader import BlobReader
 
+    index, source, mtime_ns = _open_image(opts)
     # a local chunk takes about as long to decompress and verify as a thread hop costs the
     # event loop (~80 us): batch them, no more threads than cores. Remote fetches wait on
     # the network: one chunk per thread, many threads.

@@ -1,0 +1,40 @@
+"""Decompression by magic bytes, and corrupt input that must fail cleanly."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+
+import pytest
+import zstandard
+
+from cafuse.codec import compress, decompress
+
+
+@pytest.mark.parametrize("size", [1, 1000, 300_000])  # chunks are never empty
+def test_formats_roundtrip(size: int) -> None:
+    data = os.urandom(size // 2) + bytes(size - size // 2)
+    assert decompress(compress(data), size) == data
+    assert decompress(compress(data, "none"), size) == data
+    assert decompress(lzma.compress(data), size) == data
+    assert decompress(gzip.compress(data), size) == data
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    assert decompress(no_size, size) == data
+
+
+def test_garbage_after_a_magic_is_a_value_error() -> None:
+    for magic in (b"\x28\xb5\x2f\xfd", b"\xfd\x37\x7a\x58\x5a\x00", b"\x1f\x8b"):
+        for _ in range(300):
+            with pytest.raises(ValueError):
+                decompress(magic + os.urandom(200), 65536)
+
+
+def test_output_is_bounded_by_the_chunk_size() -> None:
+    bomb = compress(bytes(10 << 20))  # 10 MiB of zeros in a few hundred bytes
+    with pytest.raises(ValueError):
+        decompress(bomb, 65536)
+    with pytest.raises(ValueError):
+        decompress(lzma.compress(bytes(10 << 20)), 65536)
+    with pytest.raises(ValueError):
+        decompress(gzip.compress(bytes(10 << 20)), 65536)

@@ -349,8 +349,10 @@ def cafuse_mount(index: Path, mnt: Path, *args: object) -> Iterator[Path]:
 @contextlib.contextmanager
 def ceiling_mount(image: Path, mnt: Path) -> Iterator[Path]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([CAFUSE[0], str(ROOT / "scripts" / "ceiling_fs.py"), str(image),
-                             str(mnt)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [CAFUSE[0], str(ROOT / "scripts" / "ceiling_fs.py"), str(image), str(mnt)],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         yield mnt / "image"
@@ -391,6 +393,7 @@ def random_reads_per_second(path: Path, count: int = 20000, threads: int = 4) ->
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
+
         def work(part: list[int]) -> None:
             for offset in part:
                 os.pread(fd, 4096, offset)
@@ -424,16 +427,27 @@ def bench_mount(work: Path, v1: Path, report: Report) -> None:
     with cafuse_mount(index, work / "mnt", "--store", store, "--memory-cache", "4G") as blob:
         read_sequential(blob)  # every chunk into the daemon's memory cache
         results["cafuse random"] = random_reads_per_second(blob)
-    report.add("mount: cold sequential read, local store", f"{results['cafuse cold']:.0f} MB/s",
-               f"{results['ceiling cold']:.0f} MB/s (in-memory pyfuse3 file)",
-               results["cafuse cold"] / results["ceiling cold"], ">= 0.75x")
-    report.add("mount: warm re-read", f"{results['cafuse warm']:.0f} MB/s",
-               f"{results['page cache']:.0f} MB/s (raw image, page cache)",
-               results["cafuse warm"] / results["page cache"], ">= 0.5x")
-    report.add("mount: random 4 KiB reads, chunks in memory",
-               f"{results['cafuse random']:.0f} reads/s",
-               f"{results['ceiling random']:.0f} reads/s (in-memory pyfuse3 file)",
-               results["cafuse random"] / results["ceiling random"], ">= 0.7x")
+    report.add(
+        "mount: cold sequential read, local store",
+        f"{results['cafuse cold']:.0f} MB/s",
+        f"{results['ceiling cold']:.0f} MB/s (in-memory pyfuse3 file)",
+        results["cafuse cold"] / results["ceiling cold"],
+        ">= 0.75x",
+    )
+    report.add(
+        "mount: warm re-read",
+        f"{results['cafuse warm']:.0f} MB/s",
+        f"{results['page cache']:.0f} MB/s (raw image, page cache)",
+        results["cafuse warm"] / results["page cache"],
+        ">= 0.5x",
+    )
+    report.add(
+        "mount: random 4 KiB reads, chunks in memory",
+        f"{results['cafuse random']:.0f} reads/s",
+        f"{results['ceiling random']:.0f} reads/s (in-memory pyfuse3 file)",
+        results["cafuse random"] / results["ceiling random"],
+        ">= 0.7x",
+    )
     report.extra["mount"] = results
 
 
@@ -464,9 +478,14 @@ def bench_startup(work: Path, report: Report) -> None:
             rss_mb = max(rss_mb, daemon_rss_mb(mnt))
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    report.add("mount start-up, 1M-chunk index", f"{best:.2f} s, {rss_mb:.0f} MB RSS", "-",
-               None, "< 1 s, < 150 MB", "(time until `cafuse mount` returns with the mount "
-               "live; RSS of the daemon)")
+    report.add(
+        "mount start-up, 1M-chunk index",
+        f"{best:.2f} s, {rss_mb:.0f} MB RSS",
+        "-",
+        None,
+        "< 1 s, < 150 MB",
+        "(time until `cafuse mount` returns with the mount live; RSS of the daemon)",
+    )
     report.extra["startup"] = {"seconds": best, "rss_mb": rss_mb}
 
 
@@ -485,7 +504,132 @@ def daemon_rss_mb(mnt: Path) -> float:
     raise RuntimeError("mount daemon not found")
 
 
-SECTIONS = ("make", "extract", "update", "mount", "startup")
+# ------------------------------------------------------------------ remote
+
+
+@contextlib.contextmanager
+def nginx_for(work: Path) -> Iterator[str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import nginx_serving  # the tests' nginx set-up, one implementation
+
+    with nginx_serving(work, work / "nginx") as server:
+        yield server.url
+
+
+def bench_http(work: Path, v1: Path, report: Report) -> None:
+    size = v1.stat().st_size
+    out = work / "out.img"
+
+    def clean() -> None:
+        out.unlink(missing_ok=True)
+
+    with nginx_for(work) as url:
+        t_cafuse = timed(
+            lambda: sh(*CAFUSE, "extract", work / "v1.cs.caibx", out, "--store", f"{url}/cs.castr"),
+            before=clean,
+        )
+        t_own = timed(
+            lambda: sh(*CAFUSE, "extract", work / "v1.caibx", out, "--store", f"{url}/c.store"),
+            before=clean,
+        )
+        t_casync = timed(
+            lambda: sh("casync", "extract", f"--store={url}/cs.castr", work / "v1.cs.caibx", out),
+            before=clean,
+        )
+        clean()
+        report.add(
+            "extract from an HTTP store (nginx), casync's index and store",
+            mbps(size, t_cafuse),
+            mbps(size, t_casync),
+            t_casync / t_cafuse,
+            ">= 4x",
+            f"({t_cafuse:.2f} s vs {t_casync:.2f} s)",
+        )
+        report.add(
+            "extract from an HTTP store (nginx), cafuse's own store",
+            mbps(size, t_own),
+            mbps(size, t_casync),
+            t_casync / t_own,
+            ">= 4x",
+        )
+        cold = 0.0
+        for _ in range(2):
+            with cafuse_mount(work / "v1.caibx", work / "mnt", "--store", f"{url}/c.store") as blob:
+                cold = max(cold, size / read_sequential(blob) / 1e6)
+        report.add(
+            "mount: cold sequential read, HTTP store",
+            f"{cold:.0f} MB/s",
+            mbps(size, t_casync) + " (casync extract, same store)",
+            cold / (size / t_casync / 1e6),
+            "(info)",
+        )
+
+
+def pick_file(image: Path, work: Path, low: int = 1 << 20, high: int = 4 << 20) -> str:
+    """A file of 1-4 MiB inside the ext4 image (path relative to its root)."""
+    target = work / "pick"
+    target.mkdir(exist_ok=True)
+    sh("mount", "-o", "loop,ro", image, target)
+    try:
+        for dirpath, _, names in os.walk(target):
+            for name in sorted(names):
+                path = Path(dirpath, name)
+                if path.is_file() and not path.is_symlink() and low <= path.stat().st_size <= high:
+                    return str(path.relative_to(target))
+    finally:
+        sh("umount", target)
+    raise RuntimeError("no file of 1-4 MiB in the image")
+
+
+def bench_wan(work: Path, v1: Path, report: Report) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from wanproxy import WanProxy
+
+    name = pick_file(v1, work)
+    with nginx_for(work) as url:
+        port = int(url.rsplit(":", 1)[1])
+        proxy_port = port + 1
+        proxy = WanProxy(proxy_port, port, delay=0.025, rate=100e6 / 8).start()
+        wan = f"http://127.0.0.1:{proxy_port}"
+        try:
+            started = time.perf_counter()
+            with cafuse_mount(work / "v1.caibx", work / "mnt", "--store", f"{wan}/c.store") as blob:
+                rootfs = work / "rootfs"
+                rootfs.mkdir(exist_ok=True)
+                sh("mount", "-o", "loop,ro", blob, rootfs)
+                try:
+                    data = (rootfs / name).read_bytes()
+                    t_file = time.perf_counter() - started
+                finally:
+                    sh("umount", rootfs)
+            b_file = proxy.down.carried
+            out = work / "out.img"
+            started = time.perf_counter()
+            sh("casync", "extract", f"--store={wan}/cs.castr", work / "v1.cs.caibx", out)
+            t_casync = time.perf_counter() - started
+            b_casync = proxy.down.carried - b_file
+            out.unlink()
+        finally:
+            proxy.stop()
+    report.add(
+        f"WAN (25 ms each way, 100 Mbit/s): read one {len(data) >> 10} KiB file "
+        "from the loop-mounted image",
+        f"{t_file:.2f} s, {b_file / 1e6:.1f} MB fetched",
+        f"{t_casync:.1f} s, {b_casync / 1e6:.1f} MB (casync extract of the whole image)",
+        t_casync / t_file,
+        "(info)",
+        "(cafuse: mount + loop mount + read; bytes as carried by the proxy)",
+    )
+    report.extra["wan"] = {
+        "file": name,
+        "cafuse_s": t_file,
+        "cafuse_bytes": b_file,
+        "casync_s": t_casync,
+        "casync_bytes": b_casync,
+    }
+
+
+SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan")
 
 
 # ------------------------------------------------------------------ report
@@ -505,8 +649,10 @@ def plot(report: Report) -> None:
     labels = [r.job for r in rows][::-1]
     ratios = [r.ratio for r in rows][::-1]
     targets = [_target_value(r.target) for r in rows][::-1]
-    colors = ["#2a9d8f" if t is None or v >= t else "#e76f51"
-              for v, t in zip(ratios, targets, strict=True)]
+    colors = [
+        "#2a9d8f" if t is None or v >= t else "#e76f51"
+        for v, t in zip(ratios, targets, strict=True)
+    ]
     ax.barh(labels, ratios, color=colors)
     for y, t in enumerate(targets):
         if t is not None:
@@ -546,8 +692,7 @@ def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: 
         lines.append(
             f"| {row.job} | {row.cafuse} | {row.baseline} | {ratio} | {row.target} | {row.note} |"
         )
-    lines += ["", "![ratios](benchmarks.png)", "",
-              f"Total benchmark time: {seconds:.0f} s.", ""]
+    lines += ["", "![ratios](benchmarks.png)", "", f"Total benchmark time: {seconds:.0f} s.", ""]
     notes = ROOT / "docs" / "benchmarks-notes.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -581,7 +726,7 @@ def main() -> None:
     only = set(args.only.split(","))
     if "make" in only:
         bench_make(args.work, v1, report)
-    if only & {"extract", "update", "mount"}:
+    if only & {"extract", "update", "mount", "http", "wan"}:
         prepare_stores(args.work, v1, v2)
     if "extract" in only:
         bench_extract(args.work, v1, report)
@@ -591,6 +736,10 @@ def main() -> None:
         bench_mount(args.work, v1, report)
     if "startup" in only:
         bench_startup(args.work, report)
+    if "http" in only:
+        bench_http(args.work, v1, report)
+    if "wan" in only:
+        bench_wan(args.work, v1, report)
     plot(report)
     write_markdown(report, args, v1, time.monotonic() - started)
     print("bench: wrote docs/benchmarks.md")

@@ -309,6 +309,36 @@ def test_cache_bound_sharing_and_offline(
     ) as blob:
         assert sha256_file(blob) == sha256_file(ext4_image)
 
+    # an index given by URL: the cache keeps a copy that stands in for it offline
+    url_cache = tmp_path / "url-cache"
+    run_cafuse("cache", f"{nginx.url}/image.caibx", "--cache", url_cache)
+    nginx.stop()
+    try:
+        with mounted(
+            f"{nginx.url}/image.caibx",
+            tmp_path / "mnt2",
+            "--cache",
+            url_cache,
+            "--retries",
+            "0",
+            "--timeout",
+            "5",
+        ) as blob:
+            assert sha256_file(blob) == sha256_file(ext4_image)
+        proc = run_cafuse(
+            "extract",
+            f"{nginx.url}/image.caibx",
+            out2,
+            "--retries",
+            "0",
+            "--timeout",
+            "3",
+            check=False,
+        )
+        assert_user_error(proc, "cannot fetch index")
+    finally:
+        nginx.start()
+
 
 def test_cache_repairs_a_corrupt_chunk(
     www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path

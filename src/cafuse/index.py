@@ -116,8 +116,9 @@ class Index:
         end = min(offset + size, self.blob_size)
         if size <= 0 or offset >= end:
             return range(0)
-        first = int(np.searchsorted(self.ends, offset, side="right"))
-        last = int(np.searchsorted(self.ends, end - 1, side="right"))
+        # uint64 keys: a Python int would make numpy convert the whole table on every call
+        first = int(self.ends.searchsorted(np.uint64(offset), side="right"))
+        last = int(self.ends.searchsorted(np.uint64(end - 1), side="right"))
         return range(first, last + 1)
 
     def id_keys(self) -> np.ndarray:

@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from .atomic import AtomicFile
 from .errors import CafuseError
 from .fetch import ChunkSource
 from .index import Index, parse_index, read_index
@@ -26,6 +29,7 @@ from .stores.location import parent_and_name
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_NAME = "default.castr"
+INDEX_DIR = "indexes"
 
 
 @dataclass
@@ -63,13 +67,37 @@ def load_index(text: str, remote: RemoteOptions | None = None) -> Index:
     location = parse_location(text, "index")
     if location.is_local:
         return read_index(location.path)
+    remote = remote or RemoteOptions()
     directory, name = parent_and_name(location)
-    store = (remote or RemoteOptions()).open(directory)
+    store = remote.open(directory)
+    copy = _cached_index_path(remote, location.url)
     try:
         raw = store.fetch_file(name)  # type: ignore[attr-defined]
     except StoreError as exc:
+        if copy is not None and copy.exists():
+            log.warning(
+                "cannot fetch index %s (%s): using the copy in the cache", location.display, exc
+            )
+            return read_index(copy)
         raise CafuseError(f"cannot fetch index {location.display}: {exc}") from None
-    return parse_index(raw, location.display)
+    index = parse_index(raw, location.display)
+    if copy is not None:
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CafuseError(f"cache {remote.cache}: cannot create: {exc.strerror}") from None
+        file = AtomicFile(copy)
+        file.write(raw)
+        file.commit()
+    return index
+
+
+def _cached_index_path(remote: RemoteOptions, url: str) -> Path | None:
+    """Where the cache keeps its copy of an index fetched from ``url``: offline, the copy
+    stands in for the URL."""
+    if not remote.cache:
+        return None
+    return Path(remote.cache) / INDEX_DIR / f"{hashlib.sha256(url.encode()).hexdigest()}.caibx"
 
 
 def default_store(index_text: str) -> str:

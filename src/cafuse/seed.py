@@ -51,7 +51,7 @@ class Seed:
     def find(self, chunk_id: bytes) -> int | None:
         """Position of ``chunk_id`` in the seed's index, or None."""
         key = int.from_bytes(chunk_id[:8], "little")
-        pos = int(np.searchsorted(self._sorted_keys, key, side="left"))
+        pos = int(self._sorted_keys.searchsorted(np.uint64(key), side="left"))
         want = np.frombuffer(chunk_id, dtype=np.uint8)
         while pos < len(self._sorted_keys) and int(self._sorted_keys[pos]) == key:
             i = int(self._order[pos])

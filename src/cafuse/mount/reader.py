@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import trio
 
 from ..errors import CafuseError, ChunkUnavailable
@@ -138,8 +139,12 @@ class BlobReader:
             return b""
         self.reads += 1
         ends = self._ends
-        first = int(ends.searchsorted(offset, side="right"))
-        last = first if end <= int(ends[first]) else int(ends.searchsorted(end - 1, "right"))
+        # uint64 keys: a Python int would make numpy convert the whole table on every call
+        first = int(ends.searchsorted(np.uint64(offset), side="right"))
+        if end > int(ends[first]):
+            last = int(ends.searchsorted(np.uint64(end - 1), side="right"))
+        else:
+            last = first
         if stream is not None and self.readahead:
             self._plan_readahead(stream, offset, end - offset, last + 1)
         parts: list[memoryview] = []

@@ -109,6 +109,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
     store = remote_options(args).open(args.store, writable=True)
+    threads = args.threads or (os.cpu_count() or 2 if store.is_local else REMOTE_CONCURRENCY)
     result = make(
         args.index,
         args.file,
@@ -117,7 +118,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         sizes=sizes,
         compression=args.compression,
         level=args.level,
-        threads=args.threads,
+        threads=threads,
         sync=args.sync,
     )
     print(result.summary(args.index))
@@ -165,7 +166,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .inspect import index_info, store_presence
+    from .maintenance import index_info, store_presence
     from .resolve import load_index
 
     remote = remote_options(args)
@@ -188,7 +189,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify_store
+    from .maintenance import verify_store
     from .resolve import load_index
 
     remote = remote_options(args)
@@ -216,7 +217,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .inspect import collect_garbage
+    from .maintenance import collect_garbage
     from .resolve import load_index
 
     remote = remote_options(args)
@@ -330,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=_positive_int,
-        default=os.cpu_count() or 2,
-        help="hashing/compression threads (default: %(default)s)",
+        help="hashing/compression/upload threads (default: one per core, 16 for a remote store)",
     )
     p.add_argument(
         "--sync",

@@ -240,3 +240,65 @@ def test_bad_flags_and_arguments(small: dict[str, Path], tmp_path: Path) -> None
         "unsupported store URL",
     )
     assert_user_error(run_cafuse(check=False), "required")
+
+
+def test_cache_command_needs_a_cache_dir(small: dict[str, Path]) -> None:
+    assert_user_error(
+        run_cafuse("cache", small["index"], "--store", small["store"], check=False),
+        "needs --cache DIR",
+    )
+
+
+def test_cache_that_cannot_complete_says_how_to_resume(
+    small: dict[str, Path], tmp_path: Path
+) -> None:
+    _some_chunk(small["store"]).unlink()
+    cache = tmp_path / "cache"
+    err = assert_user_error(
+        run_cafuse(
+            "cache", small["index"], "--store", small["store"], "--cache", cache, check=False
+        ),
+        "could not be cached",
+        "run cafuse cache again",
+    )
+    assert "1 of" in err
+    assert len(list(cache.rglob("*.cacnk"))) > 0  # what could be fetched was kept
+
+
+@pytest.fixture()
+def loop_device(tmp_path: Path):
+    """A real block device: a loop device over a file, detached afterwards."""
+    devices: list[str] = []
+
+    def make(size: int) -> str:
+        backing = tmp_path / f"disk{len(devices)}"
+        backing.write_bytes(b"\xaa" * size)  # old content that must be overwritten
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        devices.append(dev)
+        return dev
+
+    yield make
+    for dev in devices:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_extract_to_a_block_device(small: dict[str, Path], loop_device) -> None:
+    data = small["src"].read_bytes()
+    dev = loop_device(1 << 20)
+    proc = run_cafuse("extract", small["index"], dev, "--store", small["store"])
+    assert "written" in proc.stdout
+    with open(dev, "rb") as f:
+        assert f.read(len(data)) == data
+    again = run_cafuse("extract", small["index"], dev, "--store", small["store"])
+    assert "from stores 0 B" in again.stdout  # everything was already on the device
+    too_small = loop_device(64 << 10)
+    assert_user_error(
+        run_cafuse("extract", small["index"], too_small, "--store", small["store"], check=False),
+        "block device is",
+        "needs",
+    )

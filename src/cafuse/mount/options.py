@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,25 +35,6 @@ IGNORED_OPTIONS = {
     "dev",
 }
 PASSED_OPTIONS = {"allow_other", "allow_root", "noexec", "noatime"}
-VALUE_OPTIONS = {
-    "store",
-    "seed",
-    "name",
-    "memory_cache",
-    "memory-cache",
-    "readahead",
-    "timeout",
-    "concurrency",
-    "log",
-    "retries",
-    "cache",
-    "cache_size",
-    "cache-size",
-    "s3_endpoint",
-    "s3-endpoint",
-    "s3_region",
-    "s3-region",
-}
 
 
 @dataclass
@@ -86,53 +68,40 @@ class MountOptions:
         """Apply one ``-o`` string: cafuse keys and FUSE options, comma-separated."""
         for item in filter(None, (part.strip() for part in spec.split(","))):
             key, sep, value = item.partition("=")
-            if key in (
-                "store",
-                "seed",
-                "name",
-                "memory_cache",
-                "memory-cache",
-                "readahead",
-                "timeout",
-                "concurrency",
-                "log",
-            ) and not (sep and value):
-                raise CafuseError(f"mount option {key!r} needs a value ({key}=...)")
-            if key == "store":
-                self.stores.append(value)
-            elif key == "seed":
-                self.seeds.append(value)
-            elif key == "name":
-                self.name = value
-            elif key in ("memory_cache", "memory-cache"):
-                self.memory_cache = parse_size(value, "memory_cache")
-            elif key == "readahead":
-                self.readahead = _whole(value, key)
-            elif key == "concurrency":
-                self.concurrency = max(1, _whole(value, key))
-            elif key == "timeout":
-                self.timeout = _seconds(value)
-            elif key == "log":
-                self.log_file = value
-            elif key == "retries":
-                self.retries = _whole(value, key)
-            elif key == "cache":
-                self.cache = value
-            elif key in ("cache_size", "cache-size"):
-                parse_size(value, "cache_size")
-                self.cache_size = value
-            elif key in ("s3_endpoint", "s3-endpoint"):
-                self.s3_endpoint = value
-            elif key in ("s3_region", "s3-region"):
-                self.s3_region = value
+            key = key.replace("-", "_")
+            setter = _SETTERS.get(key)
+            if setter is not None:
+                if not (sep and value):
+                    raise CafuseError(f"mount option {key!r} needs a value ({key}=...)")
+                setter(self, value)
             elif key == "rw":
                 raise CafuseError("cafuse mounts are read-only: drop the 'rw' mount option")
             elif key in PASSED_OPTIONS:
                 self.fuse_options.add(key)
-            elif key in IGNORED_OPTIONS or key.startswith(("x-", "comment=")):
-                continue
-            else:
+            elif not (key in IGNORED_OPTIONS or key.startswith(("x_", "comment"))):
                 raise CafuseError(f"unknown mount option {item!r} (see cafuse mount --help)")
+
+
+def _set_cache_size(opts: MountOptions, value: str) -> None:
+    parse_size(value, "cache_size")  # reject a bad size now, not in the daemon
+    opts.cache_size = value
+
+
+_SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
+    "store": lambda o, v: o.stores.append(v),
+    "seed": lambda o, v: o.seeds.append(v),
+    "name": lambda o, v: setattr(o, "name", v),
+    "memory_cache": lambda o, v: setattr(o, "memory_cache", parse_size(v, "memory_cache")),
+    "readahead": lambda o, v: setattr(o, "readahead", _whole(v, "readahead")),
+    "concurrency": lambda o, v: setattr(o, "concurrency", max(1, _whole(v, "concurrency"))),
+    "timeout": lambda o, v: setattr(o, "timeout", _seconds(v)),
+    "retries": lambda o, v: setattr(o, "retries", _whole(v, "retries")),
+    "log": lambda o, v: setattr(o, "log_file", v),
+    "cache": lambda o, v: setattr(o, "cache", v),
+    "cache_size": _set_cache_size,
+    "s3_endpoint": lambda o, v: setattr(o, "s3_endpoint", v),
+    "s3_region": lambda o, v: setattr(o, "s3_region", v),
+}
 
 
 def _whole(value: str, key: str) -> int:

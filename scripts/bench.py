@@ -645,29 +645,33 @@ SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan")
 
 
 def plot(report: Report) -> None:
-    """Bar chart of each row's ratio against its target."""
+    """Each row's ratio on a log scale, its target as a black tick (green: met)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report.rows if r.ratio is not None]
+    rows = [r for r in report.rows if r.ratio is not None][::-1]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    labels = [r.job for r in rows][::-1]
-    ratios = [r.ratio for r in rows][::-1]
-    targets = [_target_value(r.target) for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(11, 0.42 * len(rows) + 1.4))
+    targets = [_target_value(r.target) for r in rows]
     colors = [
-        "#2a9d8f" if t is None or v >= t else "#e76f51"
-        for v, t in zip(ratios, targets, strict=True)
+        "#9aa5b1" if t is None else "#2a9d8f" if r.ratio >= t else "#e76f51"
+        for r, t in zip(rows, targets, strict=True)
     ]
-    ax.barh(labels, ratios, color=colors)
-    for y, t in enumerate(targets):
-        if t is not None:
-            ax.plot([t, t], [y - 0.4, y + 0.4], color="black", linewidth=2)
-    ax.set_xlabel("cafuse / baseline (higher is better; black tick = target)")
-    ax.set_title("cafuse against casync and the pyfuse3 ceiling, one run")
+    ax.barh([r.job for r in rows], [r.ratio for r in rows], color=colors)
+    for y, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        if target is not None:
+            ax.plot([target, target], [y - 0.42, y + 0.42], color="black", linewidth=2.5)
+        ax.text(row.ratio * 1.08, y, f"{row.ratio:.2f}x", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="#555555", linewidth=0.8, linestyle=":")
+    ax.set_xlabel(
+        "cafuse / baseline, log scale (black tick: target; green met, red missed, grey: no target)"
+    )
+    ax.set_title("cafuse against casync and the pyfuse3 ceiling (one run)")
+    ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "benchmarks.png", dpi=110)
     plt.close(fig)
@@ -682,8 +686,8 @@ def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: 
     lines = [
         "# Benchmarks",
         "",
-        "Written by `scripts/bench` "
-        f"(`scripts/bench {' '.join(sys.argv[1:])}`) on {time.strftime('%Y-%m-%d')}; every row "
+        f"Written by `{' '.join(['scripts/bench', *sys.argv[1:]])}` "
+        f"on {time.strftime('%Y-%m-%d')}; every row "
         "was measured side by side in that one run, on this machine: "
         f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
         f"Python {platform.python_version()}, {sh('casync', '--version').stdout.strip()}.",
@@ -729,7 +733,16 @@ def main() -> None:
         help="work directory (default: tmpfs when it has room)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw docs/benchmarks.png from docs/benchmarks.json",
+    )
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+        plot(Report([Row(**row) for row in saved["rows"]], saved["extra"]))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report = Report()

@@ -302,3 +302,15 @@ def test_extract_to_a_block_device(small: dict[str, Path], loop_device) -> None:
         "block device is",
         "needs",
     )
+
+
+def test_make_from_a_block_device(small: dict[str, Path], loop_device, tmp_path: Path) -> None:
+    dev = loop_device(1 << 20)
+    with open(dev, "r+b") as f:
+        f.write(small["src"].read_bytes())
+    index, store = tmp_path / "dev.caibx", tmp_path / "dev-store"
+    run_cafuse("make", index, dev, "--store", store)
+    out = tmp_path / "dev.img"
+    run_cafuse("extract", index, out, "--store", store)
+    with open(dev, "rb") as f:
+        assert out.read_bytes() == f.read()

@@ -411,6 +411,30 @@ def test_s3_make_extract_mount(seaweed: SeaweedFS, ext4_image: Path, tmp_path: P
     assert sha256_file(tmp_path / "o2.img") == sha256_file(ext4_image)
 
 
+def test_s3_index_url_with_default_store(
+    seaweed: SeaweedFS, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Published as casync does, in a bucket: s3://b/os/v1.caibx next to default.castr."""
+    import obstore
+    from obstore.store import S3Store
+
+    env = seaweed.env()
+    index = tmp_path / "v1.caibx"
+    run_cafuse("make", index, ext4_image, "--store", "s3://cafuse-pub/os/default.castr", env=env)
+    bucket = S3Store(
+        "cafuse-pub",
+        endpoint=seaweed.endpoint,
+        region="us-east-1",
+        access_key_id=env["AWS_ACCESS_KEY_ID"],
+        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        client_options={"allow_http": True},
+    )
+    obstore.put(bucket, "os/v1.caibx", index.read_bytes())
+    out = tmp_path / "out.img"
+    run_cafuse("extract", "s3://cafuse-pub/os/v1.caibx", out, env=env)
+    assert sha256_file(out) == sha256_file(ext4_image)
+
+
 def test_s3_wrong_credentials_never_leak(seaweed: SeaweedFS, made_image, tmp_path: Path) -> None:
     index, _ = made_image
     env = {**seaweed.env(), "AWS_SECRET_ACCESS_KEY": S3_SECRET + "-wrong"}

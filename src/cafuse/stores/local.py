@@ -28,6 +28,7 @@ class LocalStore(ChunkStore):
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self._root = str(self.root)
         if create:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -41,23 +42,35 @@ class LocalStore(ChunkStore):
     def _path(self, chunk_id: bytes) -> Path:
         return self.root / chunk_path(chunk_id)
 
+    def _name(self, chunk_id: bytes) -> str:
+        """The chunk's path as a string: this runs for every chunk, pathlib costs here."""
+        hexid = chunk_id.hex()
+        return f"{self._root}/{hexid[:4]}/{hexid}.cacnk"
+
     def get(self, chunk_id: bytes) -> bytes | None:
-        path = self._path(chunk_id)
-        for candidate in (path, path.with_suffix("")):  # casync also reads bare, uncompressed
+        name = self._name(chunk_id)
+        for candidate in (name, name[: -len(".cacnk")]):  # casync also reads bare chunks
             try:
-                with open(candidate, "rb") as f:
-                    return f.read()
+                fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise StoreError(
-                    f"store {self.root}: cannot read {candidate.name}: {exc.strerror}"
+                    f"store {self.root}: cannot read {candidate}: {exc.strerror}"
                 ) from None
+            try:
+                return _read_whole(fd)
+            except OSError as exc:
+                raise StoreError(
+                    f"store {self.root}: cannot read {candidate}: {exc.strerror}"
+                ) from None
+            finally:
+                os.close(fd)
         return None
 
     def has(self, chunk_id: bytes) -> bool:
-        path = self._path(chunk_id)
-        return path.exists() or path.with_suffix("").exists()
+        name = self._name(chunk_id)
+        return os.path.exists(name) or os.path.exists(name[: -len(".cacnk")])
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
         """Write to a temporary name, then link it to the final name.
@@ -126,3 +139,14 @@ class LocalStore(ChunkStore):
                 raise StoreError(f"store {self.root}: sync failed: {os.strerror(err)}")
         finally:
             os.close(fd)
+
+
+def _read_whole(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.read(fd, size + 1)  # one read for the whole file; +1 notices a file that grew
+    if len(data) <= size:
+        return data
+    parts = [data]
+    while block := os.read(fd, 1 << 20):
+        parts.append(block)
+    return b"".join(parts)

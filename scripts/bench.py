@@ -712,10 +712,18 @@ def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: 
     notes = ROOT / "docs" / "benchmarks-notes.md"
     if notes.exists():
         lines += [notes.read_text()]
+    if set(args.only.split(",")) != set(SECTIONS):
+        # a partial run must not replace the published, complete side-by-side table
+        partial = ROOT / "docs" / "benchmarks-partial.md"
+        partial.write_text("\n".join(lines))
+        print(f"bench: partial run (--only), wrote {partial.relative_to(ROOT)}")
+        return
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
     (ROOT / "docs" / "benchmarks.json").write_text(
         json.dumps({"rows": [vars(r) for r in report.rows], "extra": report.extra}, indent=2)
     )
+    plot(report)
+    print("bench: wrote docs/benchmarks.md")
 
 
 def main() -> None:
@@ -765,9 +773,7 @@ def main() -> None:
         bench_http(args.work, v1, report)
     if "wan" in only:
         bench_wan(args.work, v1, report)
-    plot(report)
     write_markdown(report, args, v1, time.monotonic() - started)
-    print("bench: wrote docs/benchmarks.md")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

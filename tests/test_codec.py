@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import random
 
 import pytest
 import zstandard
 
 from cafuse.codec import compress, decompress
+from cafuse.digest import hash_function
+from cafuse.fetch import decode
 
 
 @pytest.mark.parametrize("size", [1, 1000, 300_000])  # chunks are never empty
@@ -23,11 +26,15 @@ def test_formats_roundtrip(size: int) -> None:
     assert decompress(no_size, size) == data
 
 
-def test_garbage_after_a_magic_is_a_value_error() -> None:
+def test_garbage_after_a_magic_is_never_accepted() -> None:
+    """Random bytes behind a magic may even form a valid frame; decompression plus the
+    digest check must still reject every one, and only ever with a ValueError."""
+    rng = random.Random(7)
+    chunk_id = hash_function("blake3")(b"the real chunk")
     for magic in (b"\x28\xb5\x2f\xfd", b"\xfd\x37\x7a\x58\x5a\x00", b"\x1f\x8b"):
         for _ in range(300):
             with pytest.raises(ValueError):
-                decompress(magic + os.urandom(200), 65536)
+                decode(magic + rng.randbytes(200), chunk_id, 14, hash_function("blake3"))
 
 
 def test_output_is_bounded_by_the_chunk_size() -> None:

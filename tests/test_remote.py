@@ -228,6 +228,13 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         "read-only",
     )
 
+    # verify tells a store that does not answer from corrupt chunks
+    proc = run_cafuse(
+        "verify", index, "--store", dead_url(), "--retries", "0", "--timeout", "3", check=False
+    )
+    assert_user_error(proc, "did not answer", "check the store")
+    assert " 0 corrupt" in proc.stdout and "unreadable" in proc.stdout
+
 
 def test_cache_bound_sharing_and_offline(
     www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path

@@ -93,7 +93,7 @@ def _index_and_source(args: argparse.Namespace):
     return index, source
 
 
-def _print_json(data: object) -> None:
+def print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
@@ -176,7 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         store = remote.open(text)
         info.setdefault("stores", {})[store.url] = store_presence(index, store)
     if args.json:
-        _print_json(info)
+        print_json(info)
         return 0
     for key, value in info.items():
         if isinstance(value, dict):
@@ -201,8 +201,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = len(report.missing) + len(report.corrupt)
     print(
         f"{store.url}: {report.checked} chunks checked, {len(report.missing)} missing, "
-        f"{len(report.corrupt)} corrupt" + (f", {report.repaired} deleted" if args.repair else "")
+        f"{len(report.corrupt)} corrupt"
+        + (f", {len(report.unreadable)} unreadable" if report.unreadable else "")
+        + (f", {report.repaired} deleted" if args.repair else "")
     )
+    if report.unreadable:
+        raise CafuseError(
+            f"store {store.url} did not answer for {len(report.unreadable)} chunks "
+            f"(first {report.unreadable[0].hex()}): check the store, then verify again"
+        )
     if bad:
         first = (report.corrupt + report.missing)[0].hex()
         hint = (

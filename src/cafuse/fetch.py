@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from .codec import decompress
-from .digest import hash_function
+from .digest import HashFn, hash_function
 from .errors import ChunkUnavailable
 from .seed import Seed
 from .stats import FetchStats
@@ -21,6 +21,17 @@ from .stores import CacheStore, ChunkStore, StoreError
 log = logging.getLogger(__name__)
 
 ATTEMPTS_PER_STORE = 2  # a chunk failing verification is refetched once
+
+
+def decode(blob: bytes, chunk_id: bytes, size: int, hash_chunk: HashFn) -> bytes:
+    """Decompress a stored chunk and check it is the ``size`` bytes its id names.
+
+    Raises ``ValueError`` saying what is wrong with it.
+    """
+    data = decompress(blob, size)
+    if len(data) != size or hash_chunk(data) != chunk_id:
+        raise ValueError("digest mismatch")
+    return data
 
 
 class ChunkSource:
@@ -94,12 +105,12 @@ class ChunkSource:
         if blob is None:
             return None
         try:
-            data = decompress(blob, size)
-            if self.verify(chunk_id, data, size):
-                self.stats.add(self.cache.url, size, len(blob))
-                return data
+            data = decode(blob, chunk_id, size, self.hash)
         except ValueError:
             pass
+        else:
+            self.stats.add(self.cache.url, size, len(blob))
+            return data
         log.warning(
             "cache %s: chunk %s was corrupt, refetching it", self.cache.root, chunk_id.hex()
         )
@@ -122,14 +133,12 @@ class ChunkSource:
                 reasons.append(f"not in {store.url}")
                 return None
             try:
-                data = decompress(blob, size)
+                data = decode(blob, chunk_id, size, self.hash)
             except ValueError as exc:
                 problem = f"corrupt in {store.url} ({exc})"
             else:
-                if self.verify(chunk_id, data, size):
-                    self.stats.add(store.url, size, len(blob))
-                    return data, blob
-                problem = f"corrupt in {store.url} (digest mismatch)"
+                self.stats.add(store.url, size, len(blob))
+                return data, blob
             log.info("chunk %s %s", chunk_id.hex(), problem)
             self.stats.error("corrupt")
             if attempt == ATTEMPTS_PER_STORE - 1:

@@ -11,7 +11,6 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -118,6 +117,8 @@ class Index:
             return range(0)
         # uint64 keys: a Python int would make numpy convert the whole table on every call
         first = int(self.ends.searchsorted(np.uint64(offset), side="right"))
+        if end <= int(self.ends[first]):
+            return range(first, first + 1)  # the common case: one chunk, one search
         last = int(self.ends.searchsorted(np.uint64(end - 1), side="right"))
         return range(first, last + 1)
 
@@ -153,11 +154,6 @@ class Index:
             if rows.any():
                 mask[rows] = (self.ids[rows] == zid).all(axis=1)
         return mask
-
-    def iter_batches(self, batch: int = 65536) -> Iterator[tuple[int, int]]:
-        """Chunk index ranges ``[lo, hi)`` of at most ``batch`` items."""
-        for lo in range(0, self.chunk_count, batch):
-            yield lo, min(lo + batch, self.chunk_count)
 
 
 def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> Index:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codec import decompress
 from .digest import hash_function
+from .fetch import decode
 from .index import Index
 from .progress import Progress
 from .stores import ChunkStore, StoreError
@@ -62,6 +62,7 @@ class VerifyReport:
     checked: int = 0
     missing: list[bytes] = field(default_factory=list)
     corrupt: list[bytes] = field(default_factory=list)
+    unreadable: list[bytes] = field(default_factory=list)  # the store failed to answer
     repaired: int = 0
 
 
@@ -89,10 +90,8 @@ def verify_store(
         if blob is None:
             return chunk_id, "missing"
         try:
-            data = decompress(blob, end - start)
+            decode(blob, chunk_id, end - start, hash_chunk)
         except ValueError:
-            return chunk_id, "corrupt"
-        if len(data) != end - start or hash_chunk(data) != chunk_id:
             return chunk_id, "corrupt"
         return chunk_id, "ok"
 
@@ -102,12 +101,15 @@ def verify_store(
             bar.update(1)
             if verdict == "missing":
                 report.missing.append(chunk_id)
-            elif verdict != "ok":
+            elif verdict == "corrupt":
                 report.corrupt.append(chunk_id)
-                log.info("chunk %s %s", chunk_id.hex(), verdict)
-                if repair and verdict == "corrupt":
+                log.info("chunk %s corrupt", chunk_id.hex())
+                if repair:
                     store.delete(chunk_id)
                     report.repaired += 1
+            elif verdict != "ok":
+                report.unreadable.append(chunk_id)
+                log.info("chunk %s %s", chunk_id.hex(), verdict)
     bar.close()
     return report
 

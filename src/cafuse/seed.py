@@ -60,17 +60,6 @@ class Seed:
             pos += 1
         return None
 
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        """Vectorised pre-check by id key (may give rare false positives, never negatives)."""
-        pos = np.searchsorted(self._sorted_keys, keys, side="left")
-        pos = np.minimum(pos, max(len(self._sorted_keys) - 1, 0))
-        if not len(self._sorted_keys):
-            return np.zeros(len(keys), dtype=bool)
-        return self._sorted_keys[pos] == keys
-
     def read(self, i: int) -> bytes:
         start, end = self.index.span(i)
         return os.pread(self._fd, end - start, start)
-
-    def close(self) -> None:
-        os.close(self._fd)

@@ -40,10 +40,6 @@ class FetchStats:
         with self._lock:
             self.latencies.append(seconds)
 
-    def bytes_from(self, prefix: str) -> int:
-        with self._lock:
-            return sum(c.bytes for name, c in self.origins.items() if name.startswith(prefix))
-
     def snapshot(self) -> dict[str, object]:
         with self._lock:
             lat = np.array(self.latencies, dtype=float)

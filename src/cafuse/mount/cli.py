@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 
 from ..errors import CafuseError
 from ..sizes import format_size, parse_size
+from . import STATS_XATTR
 from .options import MountOptions
-
-STATS_XATTR = "user.cafuse.stats"
 
 
 def _options_from_args(args: argparse.Namespace) -> MountOptions:
@@ -77,8 +76,9 @@ def read_stats(mountpoint: str) -> dict:
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = read_stats(args.mountpoint)
     if args.json:
-        json.dump(stats, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        from ..cli import print_json
+
+        print_json(stats)
         return 0
     reads = stats["reads"]
     print(f"image: {format_size(stats['blob_size'])} in {stats['chunks']} chunks")

@@ -14,12 +14,13 @@ import stat
 
 import pyfuse3
 
+from . import STATS_XATTR
 from .reader import BlobReader, ReadFailed
 
 log = logging.getLogger(__name__)
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
-STATS_XATTR = b"user.cafuse.stats"
+STATS_XATTR_NAME = STATS_XATTR.encode()
 
 
 class BlobFS(pyfuse3.Operations):
@@ -95,12 +96,12 @@ class BlobFS(pyfuse3.Operations):
         self.reader.forget_stream(fh)
 
     async def getxattr(self, inode: int, name: bytes, ctx):
-        if inode == FILE_INODE and name == STATS_XATTR:
+        if inode == FILE_INODE and name == STATS_XATTR_NAME:
             return json.dumps(self.reader.snapshot()).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx):
-        return [STATS_XATTR] if inode == FILE_INODE else []
+        return [STATS_XATTR_NAME] if inode == FILE_INODE else []
 
     async def statfs(self, ctx):
         st = pyfuse3.StatvfsData()

@@ -14,7 +14,6 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import trio
 
 from ..errors import CafuseError, ChunkUnavailable
@@ -134,17 +133,13 @@ class BlobReader:
         no cancel scope, no nursery. Otherwise the missing chunks' fetches are all started
         first, then awaited in order under one deadline.
         """
-        end = min(offset + size, self.size)
-        if offset >= end:
+        chunks = self.index.covering(offset, size)
+        if not chunks:
             return b""
         self.reads += 1
+        end = min(offset + size, self.size)
+        first, last = chunks.start, chunks.stop - 1
         ends = self._ends
-        # uint64 keys: a Python int would make numpy convert the whole table on every call
-        first = int(ends.searchsorted(np.uint64(offset), side="right"))
-        if end > int(ends[first]):
-            last = int(ends.searchsorted(np.uint64(end - 1), side="right"))
-        else:
-            last = first
         if stream is not None and self.readahead:
             self._plan_readahead(stream, offset, end - offset, last + 1)
         parts: list[memoryview] = []

@@ -52,9 +52,5 @@ class ChunkStore(ABC):
         """Make every chunk put so far durable."""
         return None
 
-    def close(self) -> None:
-        """Release connections and file handles."""
-        return None
-
     def __str__(self) -> str:
         return self.url

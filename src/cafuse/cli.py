@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import CafuseError
+from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 log = logging.getLogger("cafuse")
 
@@ -244,15 +245,17 @@ def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
     g.add_argument(
         "--timeout",
         type=_positive_float,
-        default=30.0,
+        default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="give up on a chunk (all retries included) after this long (default: %(default)s)",
+        help="deadline for one chunk, every store and retry included; one request gets at "
+        "most a third of it (default: %(default)s)",
     )
     g.add_argument(
         "--retries",
         type=_nonnegative_int,
-        default=4,
-        help="retries of a failed request: network errors, timeouts, 5xx (default: %(default)s)",
+        default=DEFAULT_RETRIES,
+        help="most retry rounds for one chunk after network errors, timeouts, 5xx, 429 or "
+        "corrupt transfers, within --timeout (default: %(default)s)",
     )
     g.add_argument(
         "--s3-endpoint",

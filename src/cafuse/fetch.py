@@ -1,8 +1,12 @@
 """The one path every job takes for a chunk: sources in order, verify, decompress.
 
-Seeds come first (local bytes, no decompression), then stores in the order given. Every
-copy is checked against its id before it is used; a corrupt copy is fetched once more,
-then the next source is tried. Blocking: call from worker threads.
+Local sources first, in this order: seeds (local bytes, no decompression), the local cache,
+local stores. They answer at once and never wait behind the network. Then the remote stores,
+through the router: one deadline per chunk, retries across stores, store health. Every copy
+is checked against its id before it is used. A corrupt local copy is skipped (it will not
+get better by asking again); a corrupt network copy is a bad transfer and is retried.
+
+Blocking: call from worker threads.
 """
 
 from __future__ import annotations
@@ -13,14 +17,13 @@ from collections.abc import Sequence
 
 from .codec import decompress
 from .digest import HashFn, hash_function
-from .errors import ChunkUnavailable
+from .errors import ChunkUnavailable, Failure
 from .seed import Seed
 from .stats import FetchStats
-from .stores import CacheStore, ChunkStore, StoreError
+from .stores import CacheStore, ChunkStore, FailoverGroup, RetryPolicy, StoreError
+from .stores.router import RemoteRouter
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS_PER_STORE = 2  # a chunk failing verification is refetched once
 
 
 def decode(blob: bytes, chunk_id: bytes, size: int, hash_chunk: HashFn) -> bytes:
@@ -34,6 +37,12 @@ def decode(blob: bytes, chunk_id: bytes, size: int, hash_chunk: HashFn) -> bytes
     return data
 
 
+def max_stored_size(chunk_max: int) -> int:
+    """The most bytes a stored chunk of at most ``chunk_max`` bytes can take: the data,
+    plus the worst-case expansion of zstd, xz or gzip on incompressible input."""
+    return chunk_max + chunk_max // 32 + 4096
+
+
 class ChunkSource:
     def __init__(
         self,
@@ -42,6 +51,8 @@ class ChunkSource:
         seeds: Sequence[Seed] = (),
         stats: FetchStats | None = None,
         cache: CacheStore | None = None,
+        policy: RetryPolicy | None = None,
+        chunk_max: int | None = None,
     ) -> None:
         self.digest = digest
         self.hash = hash_function(digest)
@@ -49,10 +60,47 @@ class ChunkSource:
         self.seeds = list(seeds)
         self.stats = stats or FetchStats()
         self.cache = cache
+        self.policy = policy or RetryPolicy()
+        tiers: list[list[ChunkStore]] = []
+        self.local_stores: list[ChunkStore] = []
+        for store in self.stores:
+            members = store.members if isinstance(store, FailoverGroup) else [store]
+            self.local_stores += [m for m in members if m.is_local]
+            tiers.append([m for m in members if not m.is_local])
+        if chunk_max is not None:
+            for member in (m for tier in tiers for m in tier):
+                member.max_blob_size = max_stored_size(chunk_max)  # type: ignore[attr-defined]
+        self.router = RemoteRouter(tiers, self.policy)
+        self._kept: tuple[bytes, bytes, bytes, str] | None = None  # the start-up probe's
 
-    def get(self, chunk_id: bytes, size: int) -> tuple[bytes, str]:
-        """Verified data of a chunk of ``size`` bytes, and the name of the source it came from."""
-        started = time.monotonic()
+    @property
+    def has_remote(self) -> bool:
+        return bool(self.router)
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.policy.timeout
+
+    def get(self, chunk_id: bytes, size: int, deadline: float | None = None) -> tuple[bytes, str]:
+        """Verified data of a chunk of ``size`` bytes, and the name of the source it came
+        from; ChunkUnavailable when no source delivers by ``deadline``."""
+        failures: list[Failure] = []
+        found = self.get_local(chunk_id, size, failures)
+        if found is not None:
+            return found
+        return self.get_remote(
+            chunk_id, size, self.deadline() if deadline is None else deadline, failures
+        )
+
+    def get_local(
+        self, chunk_id: bytes, size: int, failures: list[Failure] | None = None
+    ) -> tuple[bytes, str] | None:
+        """From seeds, the cache or local stores, or None: never touches the network."""
+        kept = self._kept
+        if kept is not None and kept[0] == chunk_id:
+            self._kept = None
+            _, data, blob, origin = kept
+            self._to_cache(chunk_id, blob)
+            return data, origin
         data = self._from_seeds(chunk_id, size)
         if data is not None:
             return data, "seed"
@@ -60,21 +108,51 @@ class ChunkSource:
             data = self._from_cache(chunk_id, size)
             if data is not None:
                 return data, self.cache.url
-        reasons: list[str] = []
-        for store in self.stores:
-            found = self._from_store(store, chunk_id, size, reasons)
-            if found is not None:
-                data, blob = found
-                self.stats.latency(time.monotonic() - started)
-                if self.cache is not None:
-                    try:
-                        self.cache.put(chunk_id, blob)
-                    except StoreError as exc:
-                        log.warning("%s", exc)
-                        self.stats.error("cache write")
+        for store in self.local_stores:
+            data = self._from_local_store(store, chunk_id, size, failures)
+            if data is not None:
                 return data, store.url
-        self.stats.error("unavailable")
-        raise ChunkUnavailable(chunk_id, reasons)
+        return None
+
+    def get_remote(
+        self,
+        chunk_id: bytes,
+        size: int,
+        deadline: float,
+        failures: list[Failure] | None = None,
+        *,
+        keep: bool = False,
+    ) -> tuple[bytes, str]:
+        """From the remote stores, by ``deadline``, or ChunkUnavailable. With ``keep`` the
+        chunk is held for the next ``get`` of it, which files it in the cache (the start-up
+        probe's chunk: the job then counts it as its own)."""
+        failures = failures if failures is not None else []
+        if not self.router:
+            self.stats.error("unavailable")
+            raise ChunkUnavailable(chunk_id, failures)
+        started = time.monotonic()
+        try:
+            data, blob, store = self.router.fetch(
+                chunk_id, deadline, lambda blob: decode(blob, chunk_id, size, self.hash)
+            )
+        except ChunkUnavailable as exc:
+            self.stats.error("unavailable")
+            raise ChunkUnavailable(chunk_id, failures + exc.failures) from None
+        self.stats.latency(time.monotonic() - started)
+        self.stats.add(store.url, size, len(blob))
+        if keep:
+            self._kept = (chunk_id, data, blob, store.url)
+        else:
+            self._to_cache(chunk_id, blob)
+        return data, store.url
+
+    def _to_cache(self, chunk_id: bytes, blob: bytes) -> None:
+        if self.cache is not None:
+            try:
+                self.cache.put(chunk_id, blob)
+            except StoreError as exc:
+                log.warning("%s", exc)
+                self.stats.error("cache write")
 
     def verify(self, chunk_id: bytes, data: bytes | memoryview, size: int) -> bool:
         return len(data) == size and self.hash(data) == chunk_id
@@ -118,29 +196,33 @@ class ChunkSource:
         self.cache.delete(chunk_id)
         return None
 
-    def _from_store(
-        self, store: ChunkStore, chunk_id: bytes, size: int, reasons: list[str]
-    ) -> tuple[bytes, bytes] | None:
-        """(data, blob as stored) of a verified copy from ``store``."""
-        for attempt in range(ATTEMPTS_PER_STORE):
-            try:
-                blob = store.get(chunk_id)
-            except StoreError as exc:
-                reasons.append(str(exc))
-                self.stats.error("store error")
-                return None
-            if blob is None:
-                reasons.append(f"not in {store.url}")
-                return None
-            try:
-                data = decode(blob, chunk_id, size, self.hash)
-            except ValueError as exc:
-                problem = f"corrupt in {store.url} ({exc})"
-            else:
-                self.stats.add(store.url, size, len(blob))
-                return data, blob
+    def _from_local_store(
+        self, store: ChunkStore, chunk_id: bytes, size: int, failures: list[Failure] | None
+    ) -> bytes | None:
+        """A verified copy from a local store; a corrupt one stays corrupt: not retried."""
+        try:
+            blob = store.get(chunk_id)
+        except StoreError as exc:
+            self.stats.error("store error")
+            if failures is not None:
+                failures.append(Failure(store.url, exc.kind, str(exc)))
+            return None
+        if blob is None:
+            if failures is not None:
+                failures.append(Failure(store.url, "not found", f"not in {store.url}"))
+            return None
+        try:
+            data = decode(blob, chunk_id, size, self.hash)
+        except ValueError as exc:
+            problem = f"corrupt in {store.url} ({exc})"
             log.info("chunk %s %s", chunk_id.hex(), problem)
             self.stats.error("corrupt")
-            if attempt == ATTEMPTS_PER_STORE - 1:
-                reasons.append(problem)
-        return None
+            if failures is not None:
+                failures.append(Failure(store.url, "corrupt", problem))
+            return None
+        self.stats.add(store.url, size, len(blob))
+        self._to_cache(chunk_id, blob)  # a local store may be a network mount or a USB disk
+        return data
+
+    def store_stats(self) -> dict[str, object]:
+        return self.router.snapshot()

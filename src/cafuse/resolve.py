@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import AtomicFile
-from .errors import CafuseError
+from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
 from .index import Index, parse_index, read_index
 from .seed import Seed
@@ -25,6 +25,7 @@ from .stores import (
     parse_location,
 )
 from .stores.location import parent_and_name
+from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ INDEX_DIR = "indexes"
 class RemoteOptions:
     """How to reach stores: retries, deadline, S3 endpoint and region, the local cache."""
 
-    timeout: float = 30.0
-    retries: int = 4
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
     s3_endpoint: str | None = None
     s3_region: str | None = None
     cache: str | None = None
@@ -142,30 +143,57 @@ def build_source(
             )
     cache = remote.open_cache()
     store_objects = open_stores(index_text, stores, remote, required=not seed_objects)
-    return ChunkSource(index.digest, store_objects, seed_objects, cache=cache)
+    return ChunkSource(
+        index.digest,
+        store_objects,
+        seed_objects,
+        cache=cache,
+        policy=remote.retry,
+        chunk_max=index.chunk_max,
+    )
 
 
 def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None:
-    """Fail early, with the reason, when a remote store cannot be reached at all.
+    """Fail early, with the reason, when the remote stores cannot serve the image at all.
 
-    With ``offline_ok`` (a cache is there to serve from) only warn.
+    The check is a GET of the first chunk the index needs (no HEAD: many static hosts and
+    CDNs refuse it), through the same path as every fetch; the chunk is kept for the job.
+    It passes when any source delivers it. With ``offline_ok`` (a cache is there to serve
+    from) a failure is only a warning.
     """
-    remote = [s for s in source.stores if not s.is_local]
-    if not remote or not index.chunk_count:
+    if not source.has_remote or not index.chunk_count:
         return
-    probe = index.chunk_id(int(index.distinct_positions()[0]))
-    failures = []
-    for store in remote:
-        try:
-            store.has(probe)
-            return  # one reachable store is enough to start
-        except StoreError as exc:
-            failures.append(str(exc))
-    message = "; ".join(failures)
-    if offline_ok:
-        log.warning("no store reachable (%s): serving from the cache only", message)
+    zero = index.zero_mask
+    candidates = index.distinct_positions()
+    candidates = candidates[~zero[candidates]]
+    if not len(candidates):
         return
-    raise CafuseError(
-        f"cannot reach any store: {message} (check the URL and the network, "
-        "or use --cache with chunks fetched before)"
-    )
+    first = int(candidates[0])
+    chunk_id = index.chunk_id(first)
+    start, end = index.span(first)
+    if source.get_local(chunk_id, end - start) is not None:
+        return
+    try:
+        source.get_remote(chunk_id, end - start, source.deadline(), keep=True)
+    except ChunkUnavailable as exc:
+        message = _probe_failure(exc)
+        if offline_ok:
+            log.warning("%s: serving from the cache only", message)
+            return
+        raise CafuseError(message) from None
+
+
+def _probe_failure(exc: ChunkUnavailable) -> str:
+    kinds = exc.kinds - {"circuit open", "deadline"}
+    if kinds == {"not found"}:
+        stores = ", ".join(f.source for f in exc.failures if f.kind == "not found")
+        return (
+            f"chunk {exc.chunk_id.hex()} (the first the index needs) is not in {stores}: "
+            "check the --store URL, or that the store belongs to this index"
+        )
+    if kinds <= {"transient", "throttled", "not found"}:
+        return (
+            f"cannot reach any store: {exc.why()} (check the URL and the network, "
+            "or use --cache with chunks fetched before)"
+        )
+    return f"stores cannot serve this index: {exc.why()}"

@@ -128,17 +128,16 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
 
     index, source, mtime_ns = _open_image(opts)
     # a local chunk takes about as long to decompress and verify as a thread hop costs the
-    # event loop (~80 us): batch them, no more threads than cores. Remote fetches wait on
-    # the network: one chunk per thread, many threads.
-    local = all(store.is_local for store in source.stores)
+    # event loop (~80 us): local sources are read in batches, no more threads than cores.
+    # Remote fetches wait on the network: one chunk per thread, many threads.
     reader = BlobReader(
         index,
         source,
         memory_cache=opts.memory_cache,
         readahead=opts.readahead,
-        concurrency=min(opts.concurrency, os.cpu_count() or 2) if local else opts.concurrency,
-        timeout=opts.timeout,
-        batch=8 if local else 1,
+        concurrency=opts.concurrency,
+        local_threads=min(opts.concurrency, os.cpu_count() or 2),
+        batch=8,
     )
     fs = BlobFS(reader, opts.file_name, mtime_ns)
     fuse_options = set(opts.fuse_options)
@@ -176,6 +175,7 @@ async def _main(reader) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
+                reader.close()  # reads waiting on stalled fetches fail now, not at deadline
                 pyfuse3.terminate()
                 return
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import CafuseError
 from ..sizes import parse_size
+from ..stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 DEFAULT_FUSE_OPTIONS = ("ro", "nodev", "nosuid", "default_permissions")
 # mount(8)/fstab words that concern mount itself or systemd, not the file system
@@ -47,8 +48,8 @@ class MountOptions:
     memory_cache: int = 256 << 20
     readahead: int = 32
     concurrency: int = 16
-    timeout: float = 30.0
-    retries: int = 4
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
     cache: str | None = None
     cache_size: str = "10G"
     s3_endpoint: str | None = None

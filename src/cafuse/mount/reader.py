@@ -1,11 +1,11 @@
 """Reads of the blob at any offset, served from chunks: the mount's core, with no FUSE in it.
 
 A read is resolved through the index's end offsets to the chunks covering it. Each chunk
-comes from a bounded in-memory LRU of decompressed chunks, or is fetched once (however many
-reads wait for it) in a worker thread through the shared ``ChunkSource``: seeds, then
-stores, verified. Zero chunks are served without a fetch. When a stream of reads is
-sequential, the chunks ahead of it are fetched in parallel, in a window that doubles while
-the pattern holds.
+comes from a bounded in-memory LRU of decompressed chunks, or through the fetch scheduler
+(one fetch per chunk id, however many reads wait for it; local sources first, then the
+remote stores by priority). Zero chunks are served without a fetch. When a stream of reads
+is sequential, the chunks ahead of it are requested at readahead priority, in a window
+that doubles while the pattern holds.
 """
 
 from __future__ import annotations
@@ -19,27 +19,18 @@ import trio
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
 from ..index import Index
+from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 
 SEQUENTIAL_THRESHOLD = 512 << 10
 REORDER_SLACK = 1 << 20
+READ_GRACE = 5.0  # a read waits this much past its chunks' deadline before it gives up
 
 
 class ReadFailed(CafuseError):
     """A read could not be satisfied; the FUSE layer turns this into EIO."""
-
-
-class _InFlight:
-    """One fetch of one chunk id, awaited by every read that needs it."""
-
-    __slots__ = ("data", "done", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.data: bytes | None = None
-        self.error: Exception | None = None
 
 
 @dataclass
@@ -91,7 +82,7 @@ class BlobReader:
         memory_cache: int = 256 << 20,
         readahead: int = 32,
         concurrency: int = 16,
-        timeout: float = 60.0,
+        local_threads: int = 2,
         batch: int = 8,
     ) -> None:
         self.index = index
@@ -99,15 +90,18 @@ class BlobReader:
         self.stats = source.stats
         self.cache = ChunkCache(memory_cache)
         self.readahead = readahead
-        self.timeout = timeout
-        self.limiter = trio.CapacityLimiter(concurrency)
-        self.batch = max(1, batch)
+        self.timeout = source.policy.timeout
+        self.scheduler = FetchScheduler(
+            source,
+            self.cache.put,
+            remote_slots=concurrency,
+            local_slots=local_threads,
+            local_batch=batch,
+        )
         self._ends = index.ends
         self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup
         self._zeros = memoryview(bytes(index.chunk_max))
-        self._inflight: dict[bytes, _InFlight] = {}
         self._streams: dict[int, _Stream] = {}
-        self._nursery: trio.Nursery | None = None
         self.served_bytes = 0
         self.served_from = {"memory": 0, "fetch": 0, "zero": 0}
         self.reads = 0
@@ -118,11 +112,12 @@ class BlobReader:
         return self.index.blob_size
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the nursery that readahead fetches run in; returns when cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        """Run the fetch scheduler; returns when cancelled."""
+        await self.scheduler.run(task_status=task_status)
+
+    def close(self) -> None:
+        """Fail every waiting read now (shutdown must not wait for stalled fetches)."""
+        self.scheduler.close()
 
     # ------------------------------------------------------------------ reads
 
@@ -143,8 +138,8 @@ class BlobReader:
         if stream is not None and self.readahead:
             self._plan_readahead(stream, offset, end - offset, last + 1)
         parts: list[memoryview] = []
-        waiting: list[tuple[int, int, int, _InFlight]] = []  # (slot, lo, hi, fetch)
-        to_start: list[tuple[bytes, int, _InFlight]] = []
+        waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
+        wanted: list[tuple[bytes, int]] = []
         chunk_start = int(ends[first - 1]) if first else 0
         for i in range(first, last + 1):
             chunk_end = int(ends[i])
@@ -160,16 +155,13 @@ class BlobReader:
                     self.served_from["memory"] += hi - lo
                     parts.append(memoryview(data)[lo:hi])
                 else:
-                    flight = self._inflight.get(chunk_id)
-                    if flight is None:
-                        flight = self._new_flight(i, chunk_id, to_start)
-                    waiting.append((len(parts), lo, hi, flight))
+                    waiting.append((len(parts), lo, hi))
+                    wanted.append((chunk_id, chunk_end - chunk_start))
                     parts.append(self._zeros[:0])
             chunk_start = chunk_end
-        if to_start:
-            self._start_fetches(to_start)
         if waiting:
-            await self._await_fetches(parts, waiting, offset, end - offset)
+            flights = self.scheduler.request(wanted, Priority.ON_DEMAND)
+            await self._await_fetches(parts, waiting, flights, offset, end - offset)
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.served_bytes += len(out)
         return out
@@ -177,18 +169,18 @@ class BlobReader:
     async def _await_fetches(
         self,
         parts: list[memoryview],
-        waiting: list[tuple[int, int, int, _InFlight]],
+        waiting: list[tuple[int, int, int]],
+        flights: list[Flight | None],
         offset: int,
         size: int,
     ) -> None:
+        """Fill the waiting slots; each chunk has its own deadline, the read a backstop."""
         try:
-            with trio.fail_after(self.timeout):
-                for slot, lo, hi, flight in waiting:
-                    await flight.done.wait()
-                    if flight.error is not None:
-                        raise flight.error
-                    assert flight.data is not None
-                    parts[slot] = memoryview(flight.data)[lo:hi]
+            with trio.fail_after(self.timeout + READ_GRACE):
+                for (slot, lo, hi), flight in zip(waiting, flights, strict=True):
+                    assert flight is not None  # on-demand requests are always admitted
+                    data = await flight.wait()
+                    parts[slot] = memoryview(data)[lo:hi]
                     self.served_from["fetch"] += hi - lo
         except trio.TooSlowError:
             self.failed_reads += 1
@@ -196,9 +188,13 @@ class BlobReader:
             msg = f"read of {size} bytes at {offset} timed out after {self.timeout:g} s"
             log.error(msg)
             raise ReadFailed(msg) from None
-        except ChunkUnavailable as exc:
+        except (ChunkUnavailable, ShuttingDown) as exc:
             self.failed_reads += 1
             log.error("read of %d bytes at %d failed: %s", size, offset, exc)
+            raise ReadFailed(str(exc)) from None
+        except Exception as exc:  # a source's bug: this read fails, the mount goes on
+            self.failed_reads += 1
+            log.exception("read of %d bytes at %d failed", size, offset)
             raise ReadFailed(str(exc)) from None
 
     async def chunk(self, i: int) -> bytes:
@@ -207,74 +203,10 @@ class BlobReader:
         data = self.cache.get(chunk_id)
         if data is not None:
             return data
-        flight = self._inflight.get(chunk_id)
-        if flight is None:
-            to_start: list[tuple[bytes, int, _InFlight]] = []
-            flight = self._new_flight(i, chunk_id, to_start)
-            self._start_fetches(to_start)
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.data is not None
-        return flight.data
-
-    def _new_flight(
-        self, i: int, chunk_id: bytes, to_start: list[tuple[bytes, int, _InFlight]]
-    ) -> _InFlight:
-        flight = self._inflight[chunk_id] = _InFlight()
         start, end = self.index.span(i)
-        to_start.append((chunk_id, end - start, flight))
-        return flight
-
-    def _start_fetches(self, items: list[tuple[bytes, int, _InFlight]]) -> None:
-        """Fetch in worker threads, ``batch`` chunks per thread hop (a hop costs ~80 us of
-        event-loop time; a local chunk takes about as long to decompress and verify).
-
-        The fetches run in the reader's nursery, so a read that gives up (timeout) does not
-        cancel a fetch other reads may be waiting for.
-        """
-        if self._nursery is None:
-            raise RuntimeError("BlobReader.run() is not running")
-        for k in range(0, len(items), self.batch):
-            self._nursery.start_soon(self._fetch_batch, items[k : k + self.batch])
-
-    async def _fetch_batch(self, items: list[tuple[bytes, int, _InFlight]]) -> None:
-        results = None
-        try:
-            results = await trio.to_thread.run_sync(
-                self._get_many,
-                [(cid, size) for cid, size, _ in items],
-                limiter=self.limiter,
-                abandon_on_cancel=True,
-            )
-        finally:
-            if results is None:  # cancelled at shutdown: release every waiting read
-                results = [(None, ReadFailed("the mount is shutting down"))] * len(items)
-            self._finish(items, results)
-
-    def _finish(
-        self,
-        items: list[tuple[bytes, int, _InFlight]],
-        results: list[tuple[bytes | None, Exception | None]],
-    ) -> None:
-        for (chunk_id, _, flight), (data, error) in zip(items, results, strict=True):
-            if data is not None:
-                self.cache.put(chunk_id, data)
-            flight.data, flight.error = data, error
-            self._inflight.pop(chunk_id, None)
-            flight.done.set()
-
-    def _get_many(
-        self, items: list[tuple[bytes, int]]
-    ) -> list[tuple[bytes | None, Exception | None]]:
-        """Worker thread: each chunk's data or the error that stopped it."""
-        out: list[tuple[bytes | None, Exception | None]] = []
-        for chunk_id, size in items:
-            try:
-                out.append((self.source.get(chunk_id, size)[0], None))
-            except Exception as exc:
-                out.append((None, exc))
-        return out
+        (flight,) = self.scheduler.request([(chunk_id, end - start)], Priority.ON_DEMAND)
+        assert flight is not None
+        return await flight.wait()
 
     # ------------------------------------------------------------------ readahead
 
@@ -294,14 +226,16 @@ class BlobReader:
         state.window = min(max(2, state.window * 2), self.readahead)
         first = max(next_chunk, state.ahead_until)
         last = min(next_chunk + state.window, self.index.chunk_count)
-        to_start: list[tuple[bytes, int, _InFlight]] = []
+        wanted: list[tuple[bytes, int]] = []
+        ends = self._ends
         for i in range(first, last):
             if self._zero[i]:
                 continue
             chunk_id = self.index.chunk_id(i)
-            if chunk_id not in self.cache and chunk_id not in self._inflight:
-                self._new_flight(i, chunk_id, to_start)
-        self._start_fetches(to_start)
+            if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
+                wanted.append((chunk_id, int(ends[i]) - (int(ends[i - 1]) if i else 0)))
+        if wanted:
+            self.scheduler.request(wanted, Priority.READAHEAD)
         state.ahead_until = max(state.ahead_until, last)
 
     def forget_stream(self, stream: int) -> None:
@@ -324,5 +258,7 @@ class BlobReader:
         }
         snap["blob_size"] = self.size
         snap["chunks"] = self.index.chunk_count
-        snap["in_flight"] = len(self._inflight)
+        snap["scheduler"] = self.scheduler.snapshot()
+        snap["stores"] = self.source.store_stats()
+        snap["in_flight"] = snap["scheduler"]["pending"]
         return snap

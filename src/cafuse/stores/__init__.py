@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from .base import ChunkStore, ReadOnlyStore, StoreError, chunk_path
+from .base import (
+    ChunkStore,
+    CorruptChunkError,
+    ReadOnlyStore,
+    StoreError,
+    ThrottledStoreError,
+    TransientStoreError,
+    chunk_path,
+)
 from .cache import CacheStore
 from .failover import FailoverGroup
 from .local import LocalStore
 from .location import Location, parse_location, redact
-from .retry import RetryPolicy, TransientStoreError
+from .retry import RetryPolicy
 
 __all__ = [
     "CacheStore",
     "ChunkStore",
+    "CorruptChunkError",
     "FailoverGroup",
     "LocalStore",
     "Location",
     "ReadOnlyStore",
     "RetryPolicy",
     "StoreError",
+    "ThrottledStoreError",
     "TransientStoreError",
     "chunk_path",
     "open_store",

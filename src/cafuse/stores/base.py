@@ -9,7 +9,36 @@ from ..errors import CafuseError
 
 
 class StoreError(CafuseError):
-    """A store could not answer (I/O or network trouble), as opposed to a missing chunk."""
+    """A store could not answer (I/O or network trouble), as opposed to a missing chunk.
+
+    ``kind`` says what a fetch should do about it; subclasses set it. A plain StoreError is
+    permanent: retrying the same request will not help (bad URL, denied, broken config).
+    """
+
+    kind = "permanent"
+
+
+class TransientStoreError(StoreError):
+    """Worth retrying, here or on another store: connection trouble, a timeout, a 5xx
+    answer, a body cut short."""
+
+    kind = "transient"
+
+
+class ThrottledStoreError(TransientStoreError):
+    """The store asked us to slow down (429, 503): back off from the whole store."""
+
+    kind = "throttled"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CorruptChunkError(StoreError):
+    """A copy that is not the chunk its id names (wrong bytes, cut short, oversized)."""
+
+    kind = "corrupt"
 
 
 class ReadOnlyStore(CafuseError):
@@ -31,7 +60,11 @@ class ChunkStore(ABC):
 
     @abstractmethod
     def get(self, chunk_id: bytes) -> bytes | None:
-        """The stored bytes of a chunk, or None when the store does not have it."""
+        """The stored bytes of a chunk, or None when the store does not have it.
+
+        Remote stores also take ``timeout=`` (seconds for this one request) and raise the
+        typed ``StoreError``s above.
+        """
 
     @abstractmethod
     def has(self, chunk_id: bytes) -> bool:

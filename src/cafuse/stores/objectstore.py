@@ -1,6 +1,12 @@
 """Remote chunk stores through obstore: HTTP(S) (read-only, any web server), S3 and
-S3-compatible servers, GCS and Azure. obstore's own retries are off: cafuse's
-``RetryPolicy`` decides, the same way for every kind."""
+S3-compatible servers, GCS and Azure.
+
+obstore's own retries are off: cafuse's fetch path decides, the same way for every kind.
+Errors are classified here, once, from obstore's exception types and the HTTP status and
+error kind that obstore carries with them (see ``classify``). A response is never read
+past what it may hold: a chunk past the largest a stored chunk can be, an index past
+``MAX_INDEX_BYTES``; the declared length is checked before any body is read.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +14,93 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
-from .base import ChunkStore, StoreError, chunk_path
+from .base import (
+    ChunkStore,
+    CorruptChunkError,
+    StoreError,
+    ThrottledStoreError,
+    TransientStoreError,
+    chunk_path,
+)
 from .location import Location, redact
-from .retry import RetryPolicy, TransientStoreError
+from .retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
+MAX_INDEX_BYTES = 1 << 30  # an index of 26 million chunks; larger ones are refused
+DEFAULT_MAX_BLOB = (128 << 20) + (4 << 20)  # casync's largest chunk, compressed worst case
+# request timeouts come from a few clients, one per power of two of seconds: obstore sets
+# the timeout per client, and an attempt must end when its chunk's deadline says so
+_TIMEOUT_STEPS = tuple(0.25 * 2**k for k in range(12))  # 0.25 s .. 512 s
+
 _CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{4})/([0-9a-f]{64})\.cacnk$")
-_TRANSIENT = re.compile(
-    r"error sending request|timed out|timeout|connection|reset|broken pipe|closed|"
-    r"incomplete|unexpected eof|status code: 5\d\d|status code: 429|dns|refused|body",
-    re.IGNORECASE,
-)
+_STATUS = re.compile(r"\bstatus(?: code)?: (\d{3})\b")
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
 
 
-def _reason(exc: Exception) -> str:
-    """obstore errors are long and multi-line: keep the cause, in one short line."""
+def _one_line(exc: BaseException) -> str:
     text = str(exc).split("Debug source:")[0]
-    text = " ".join(text.split())
-    match = re.search(r"(Server returned non-2xx status code: \d+ [A-Za-z ]+?)(?::|$)", text)
-    if match:
-        return match.group(1)
-    for marker in ("HTTP error: ", "Generic HTTP error: "):
-        if marker in text:
-            text = text.split(marker)[-1]
-    return redact(text)[:200]
+    return " ".join(text.split())
+
+
+def _cause(exc: BaseException) -> tuple[int | None, str | None, str]:
+    """(HTTP status, obstore's HttpErrorKind, a short reason) of an obstore error."""
+    full = str(exc)
+    debug = full.split("Debug source:", 1)[-1]
+    status_match = _STATUS.search(full)
+    status = int(status_match.group(1)) if status_match else None
+    kind_match = _HTTP_KIND.search(debug)
+    kind = kind_match.group(1) if kind_match else None
+    if status is not None:
+        phrase = re.search(rf"{status} ([A-Za-z][A-Za-z -]*?)(?::|$)", _one_line(exc))
+        reason = f"HTTP {status}" + (f" {phrase.group(1)}" if phrase else "")
+    elif kind == "Timeout":
+        reason = "timed out"
+    elif kind == "Connect":
+        if "dns error" in debug:
+            reason = "DNS lookup failed (check the host name)"
+        elif "ConnectionRefused" in debug:
+            reason = "connection refused"
+        elif re.search(r"(?i)tls|certificate|ssl", debug):
+            reason = "TLS handshake failed (check the certificate or use http://)"
+        else:
+            reason = "cannot connect"
+    elif kind in ("Interrupted", "Body", "Decode", "Request"):
+        reason = "connection dropped mid-response"
+    else:
+        reason = _one_line(exc)[:200]
+    return status, kind, redact(reason)
+
+
+def classify(exc: BaseException, where: str) -> StoreError:
+    """The typed error for an obstore failure at ``where`` (a store or object URL)."""
+    import obstore.exceptions as obe
+
+    status, _, reason = _cause(exc)
+    message = f"{where}: {reason}"
+    if isinstance(exc, obe.UnauthenticatedError | obe.PermissionDeniedError):
+        return StoreError(f"{message} (check the credentials: AWS_* variables, or the URL)")
+    if isinstance(
+        exc,
+        obe.InvalidPathError | obe.NotSupportedError | obe.UnknownConfigurationKeyError,
+    ):
+        return StoreError(f"{where}: {_one_line(exc)[:200]}")
+    if isinstance(exc, obe.PreconditionError):
+        return StoreError(f"{where}: changed on the server ({reason})")
+    if status is not None:
+        if status in (429, 503):
+            return ThrottledStoreError(message)
+        if status >= 500 or status == 408:
+            return TransientStoreError(message)
+        return StoreError(f"{message} (check the URL)")
+    if isinstance(exc, obe.BaseError | OSError | TimeoutError):
+        return TransientStoreError(message)  # network trouble: connect, timeout, cut body
+    return StoreError(message)
 
 
 def s3_settings(endpoint: str | None = None, region: str | None = None) -> dict[str, object]:
@@ -66,15 +131,35 @@ class ObjectChunkStore(ChunkStore):
         s3_endpoint: str | None = None,
         s3_region: str | None = None,
     ) -> None:
-        from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
-
         self.location = location
         self.url = location.display
         self.retry = retry or RetryPolicy()
-        request_timeout = f"{max(1, int(min(self.retry.timeout, 30)))}s"
+        self.max_blob_size = DEFAULT_MAX_BLOB
+        self.writable = location.scheme != "http" and location.scheme != "https"
+        self._s3 = (s3_endpoint, s3_region)
+        self._clients: dict[float, Any] = {}
+        self._clients_lock = threading.Lock()
+        self._store = self._client(self.retry.attempt_timeout(self.retry.timeout))
+
+    def _client(self, timeout: float) -> Any:
+        """The obstore client whose request timeout is the largest step <= ``timeout``."""
+        step = _TIMEOUT_STEPS[0]
+        for candidate in _TIMEOUT_STEPS:
+            if candidate <= timeout:
+                step = candidate
+        client = self._clients.get(step)
+        if client is None:
+            with self._clients_lock:
+                client = self._clients.get(step) or self._new_client(step)
+                self._clients[step] = client
+        return client
+
+    def _new_client(self, timeout: float) -> Any:
+        from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
+
         client = {
-            "timeout": request_timeout,
-            "connect_timeout": "5s",
+            "timeout": f"{int(timeout * 1000)}ms",
+            "connect_timeout": f"{int(min(timeout, 5.0) * 1000)}ms",
             "allow_http": True,
             "pool_idle_timeout": "30s",
         }
@@ -87,56 +172,78 @@ class ObjectChunkStore(ChunkStore):
                 "base": 2,
             },
         }
-        scheme = location.scheme
-        if scheme in ("http", "https"):
-            self._store = HTTPStore.from_url(
-                location.url, client_options=client, retry_config=no_retries
-            )
-            self.writable = False
-        elif scheme == "s3":
+        location = self.location
+        if location.scheme in ("http", "https"):
+            return HTTPStore.from_url(location.url, client_options=client, retry_config=no_retries)
+        if location.scheme == "s3":
             bucket, _, prefix = location.url[len("s3://") :].partition("/")
-            self._store = S3Store(
+            return S3Store(
                 bucket,
                 prefix=prefix or None,
                 client_options=client,
                 retry_config=no_retries,
-                **s3_settings(s3_endpoint, s3_region),
+                **s3_settings(*self._s3),
             )
-            self.writable = True
-        elif scheme == "gs":
-            self._store = GCSStore.from_url(
-                location.url, client_options=client, retry_config=no_retries
-            )
-            self.writable = True
-        else:
-            self._store = AzureStore.from_url(
-                location.url, client_options=client, retry_config=no_retries
-            )
-            self.writable = True
+        if location.scheme == "gs":
+            return GCSStore.from_url(location.url, client_options=client, retry_config=no_retries)
+        return AzureStore.from_url(location.url, client_options=client, retry_config=no_retries)
 
-    def _call(self, what: str, fn, *args):
-        def attempt(_left: float):
-            try:
-                return fn(self._store, *args)
-            except FileNotFoundError:
-                raise
-            except Exception as exc:
-                reason = _reason(exc)
-                error = TransientStoreError if _TRANSIENT.search(reason) else StoreError
-                raise error(f"store {self.url}: {reason}") from None
+    # ------------------------------------------------------------------ one request
 
-        return self.retry.run(f"{self.url} {what}", attempt)
+    def _read(self, path: str, timeout: float, limit: int, what: str, where: str) -> bytes:
+        """One GET of ``path``, at most ``limit`` bytes, within ``timeout`` seconds.
 
-    def get(self, chunk_id: bytes) -> bytes | None:
+        Raises FileNotFoundError, or a typed StoreError.
+        """
         import obstore
 
         try:
-            result = self._call(
-                "get", lambda s, p: bytes(obstore.get(s, p).bytes()), chunk_path(chunk_id)
+            result = obstore.get(self._client(timeout), path)
+            declared = result.meta["size"]
+            if declared is not None and declared > limit:
+                raise CorruptChunkError(
+                    f"{self.url}/{path}: the server announces {declared} bytes, more than "
+                    f"{what} can be ({limit})"
+                )
+            if declared is not None:
+                return bytes(result.bytes())
+            parts, total = [], 0
+            for part in result.stream(min_chunk_size=1 << 20):
+                total += len(part)
+                if total > limit:
+                    raise CorruptChunkError(
+                        f"{self.url}/{path}: more than {limit} bytes, more than {what} can be"
+                    )
+                parts.append(bytes(part))
+            return b"".join(parts)
+        except (FileNotFoundError, StoreError):
+            raise
+        except Exception as exc:
+            raise classify(exc, where) from None
+
+    def get(self, chunk_id: bytes, timeout: float | None = None) -> bytes | None:
+        """One attempt, no retries (the fetch path retries across stores)."""
+        if timeout is None:
+            timeout = self.retry.attempt_timeout(self.retry.timeout)
+        try:
+            return self._read(
+                chunk_path(chunk_id), timeout, self.max_blob_size, "a chunk", f"store {self.url}"
             )
         except FileNotFoundError:
             return None
-        return result
+
+    # ------------------------------------------------------------------ with retries
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        def attempt(left: float) -> Any:
+            try:
+                return fn(self._client(left), *args)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                raise classify(exc, f"store {self.url}") from None
+
+        return self.retry.run(f"{self.url} {what}", attempt)
 
     def has(self, chunk_id: bytes) -> bool:
         import obstore
@@ -180,13 +287,16 @@ class ObjectChunkStore(ChunkStore):
                     if match and match.group(2).startswith(match.group(1)):
                         yield bytes.fromhex(match.group(2))
         except Exception as exc:
-            raise StoreError(f"store {self.url}: cannot list chunks: {_reason(exc)}") from None
+            raise classify(exc, f"store {self.url}: cannot list chunks") from None
 
     def fetch_file(self, name: str) -> bytes:
-        """A whole object by name (an index next to a store); raises StoreError."""
-        import obstore
+        """A whole object by name (an index next to a store), with retries; raises
+        StoreError (FileNotFoundError as a StoreError saying so)."""
+
+        def attempt(left: float) -> bytes:
+            return self._read(name, left, MAX_INDEX_BYTES, "an index", f"{self.url}/{name}")
 
         try:
-            return self._call("get", lambda s, p: bytes(obstore.get(s, p).bytes()), name)
+            return self.retry.run(f"{self.url}/{name}", attempt)
         except FileNotFoundError:
-            raise StoreError(f"{self.url}/{name}: not found") from None
+            raise StoreError(f"{self.url}/{name}: not found (HTTP 404)") from None

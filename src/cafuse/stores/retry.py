@@ -1,5 +1,9 @@
-"""Retries for transient store errors: exponential backoff with full jitter, bounded by a
-deadline and an attempt count."""
+"""The retry rules, in one place: one deadline per operation, attempts capped at the time
+left, exponential backoff with full jitter, a store's own "slow down" honoured.
+
+The chunk fetch path (``remote.py``) applies them across stores; ``RetryPolicy.run`` applies
+them to single-store operations (index downloads, uploads, listings).
+"""
 
 from __future__ import annotations
 
@@ -10,37 +14,54 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .base import StoreError
+from .base import ThrottledStoreError, TransientStoreError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-class TransientStoreError(StoreError):
-    """Worth retrying: network trouble, a timeout, a 5xx answer."""
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 10
+MIN_ATTEMPT_TIMEOUT = 1.0
+THROTTLE_BACKOFF = 1.0  # first pause after a 429/503 whose Retry-After we cannot see
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    retries: int = 4
-    timeout: float = 30.0  # seconds for one chunk, all attempts included
+    retries: int = DEFAULT_RETRIES  # retries of one chunk or operation, within ``timeout``
+    timeout: float = DEFAULT_TIMEOUT  # seconds for one chunk, every store and attempt included
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
 
+    def attempt_timeout(self, left: float) -> float:
+        """How long one request may take: a third of the deadline, so that a stalled request
+        leaves time for two more tries, never past the time left."""
+        return max(0.0, min(left, max(MIN_ATTEMPT_TIMEOUT, self.timeout / 3)))
+
+    def backoff(self, retry: int, throttled: ThrottledStoreError | None = None) -> float:
+        """Pause before retry number ``retry`` (0-based): full jitter over an exponentially
+        growing cap; a store that asked us to slow down gets at least what it asked for."""
+        pause = random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**retry))
+        if throttled is not None:
+            wanted = throttled.retry_after
+            if wanted is None:
+                wanted = min(THROTTLE_BACKOFF * 2**retry, 30.0) * random.uniform(0.5, 1.0)
+            pause = max(pause, wanted)
+        return pause
+
     def run(self, what: str, attempt: Callable[[float], T]) -> T:
-        """Call ``attempt(seconds_left)`` until it succeeds, a non-transient error, or the
-        retries or the deadline run out (then the last error is raised)."""
+        """Call ``attempt(seconds_for_this_try)`` until it succeeds, raises a non-transient
+        error, or the retries or the deadline run out (then the last error is raised)."""
         deadline = time.monotonic() + self.timeout
         for n in range(self.retries + 1):
             left = deadline - time.monotonic()
             try:
-                return attempt(max(left, 0.001))
+                return attempt(max(self.attempt_timeout(left), 0.001))
             except TransientStoreError as exc:
                 left = deadline - time.monotonic()
-                if n == self.retries or left <= 0:
+                pause = self.backoff(n, exc if isinstance(exc, ThrottledStoreError) else None)
+                if n == self.retries or left <= pause:
                     raise
-                pause = min(random.uniform(0, self.initial_backoff * 2**n), self.max_backoff, left)
                 log.info("%s: %s; retry %d/%d in %.2f s", what, exc, n + 1, self.retries, pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")

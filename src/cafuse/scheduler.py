@@ -1,0 +1,303 @@
+"""Fetch scheduling for the mount: who fetches which chunk when, with what priority.
+
+Every chunk fetch is one ``Flight``, shared by every read that needs the chunk. A new flight
+first goes to the *local stage*: seeds, the cache and local stores, a few worker threads
+that take chunks in batches (a thread hop costs about as much as reading a local chunk).
+Those never wait behind the network. A chunk no local source has goes to the *remote
+queue*, ordered by class, then age:
+
+    on-demand (a read is waiting)  >  profile replay  >  readahead  >  background fill
+
+``remote_slots`` worker tasks serve the queue, each one chunk at a time in a thread; a
+few of them (``reserved``) take on-demand chunks only, so readahead can never fill every
+slot and make a read wait. A queued flight that a read now needs is promoted to on-demand.
+Background classes are admitted only while the queue holds fewer than ``queue_limit`` of
+them, so memory in flight stays bounded. The deadline belongs to the chunk: it starts when
+the flight is created (or promoted, if it has not started) and bounds every store and
+retry of it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from enum import IntEnum
+
+import trio
+
+from .errors import CafuseError, ChunkUnavailable
+from .fetch import ChunkSource
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    ON_DEMAND = 0
+    PROFILE = 1
+    READAHEAD = 2
+    FILL = 3
+
+
+class ShuttingDown(CafuseError):
+    pass
+
+
+QUEUED, LOCAL, REMOTE, DONE = "queued", "local", "remote", "done"
+
+
+class Flight:
+    """One fetch of one chunk id, awaited by every read that needs it."""
+
+    __slots__ = ("chunk_id", "data", "deadline", "done", "error", "priority", "size", "state")
+
+    def __init__(self, chunk_id: bytes, size: int, priority: Priority, deadline: float) -> None:
+        self.chunk_id = chunk_id
+        self.size = size
+        self.priority = priority
+        self.deadline = deadline
+        self.state = LOCAL
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: Exception | None = None
+
+    async def wait(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None
+        return self.data
+
+
+class FetchScheduler:
+    def __init__(
+        self,
+        source: ChunkSource,
+        deliver: Callable[[bytes, bytes], None],
+        *,
+        remote_slots: int = 16,
+        reserved: int | None = None,
+        local_slots: int = 2,
+        local_batch: int = 8,
+        queue_limit: int = 512,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.deliver = deliver
+        self.remote_slots = max(1, remote_slots)
+        self.reserved = min(
+            self.remote_slots, reserved if reserved is not None else max(1, remote_slots // 4)
+        )
+        self.local_batch = max(1, local_batch)
+        self.queue_limit = queue_limit
+        self.timeout = timeout if timeout is not None else source.policy.timeout
+        self.clock = clock
+        self._local_limiter = trio.CapacityLimiter(max(1, local_slots))
+        self._remote_limiter = trio.CapacityLimiter(self.remote_slots)
+        self._flights: dict[bytes, Flight] = {}
+        self._heap: list[tuple[int, int, Flight]] = []
+        self._seq = itertools.count()
+        self._queued = dict.fromkeys(Priority, 0)
+        self._lot = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self._closed: str | None = None
+        self.active_remote = dict.fromkeys(Priority, 0)
+        self.fetched = dict.fromkeys(Priority, 0)
+        self.rejected = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the fetch tasks; returns when cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.source.has_remote:
+                for k in range(self.remote_slots):
+                    nursery.start_soon(self._remote_worker, k < self.reserved)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def close(self, reason: str = "the mount is shutting down") -> None:
+        """Fail every pending flight at once (reads get EIO) and refuse new ones."""
+        self._closed = reason
+        for flight in list(self._flights.values()):
+            self._finish(flight, None, ShuttingDown(reason))
+        self._heap.clear()
+
+    # ------------------------------------------------------------------ requests
+
+    def pending(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._flights
+
+    def request(
+        self, items: Iterable[tuple[bytes, int]], priority: Priority
+    ) -> list[Flight | None]:
+        """A flight for each ``(chunk_id, size)``: the pending one (promoted if this need
+        is more urgent) or a new one. None where a background request was not admitted."""
+        if self._nursery is None:
+            raise RuntimeError("FetchScheduler.run() is not running")
+        out: list[Flight | None] = []
+        new: list[Flight] = []
+        for chunk_id, size in items:
+            flight = self._flights.get(chunk_id)
+            if flight is not None:
+                if priority < flight.priority:
+                    self._promote(flight, priority)
+                out.append(flight)
+                continue
+            if self._closed is not None:
+                flight = Flight(chunk_id, size, priority, 0.0)
+                flight.error, flight.state = ShuttingDown(self._closed), DONE
+                flight.done.set()
+                out.append(flight)
+                continue
+            if priority != Priority.ON_DEMAND and self._background_queued() >= self.queue_limit:
+                self.rejected += 1
+                out.append(None)
+                continue
+            flight = Flight(chunk_id, size, priority, self.clock() + self.timeout)
+            self._flights[chunk_id] = flight
+            new.append(flight)
+            out.append(flight)
+        for k in range(0, len(new), self.local_batch):
+            self._nursery.start_soon(self._local_stage, new[k : k + self.local_batch])
+        return out
+
+    def _background_queued(self) -> int:
+        return sum(n for p, n in self._queued.items() if p != Priority.ON_DEMAND)
+
+    def _promote(self, flight: Flight, priority: Priority) -> None:
+        if flight.state == QUEUED:
+            self._queued[flight.priority] -= 1
+            self._queued[priority] += 1
+            flight.deadline = max(flight.deadline, self.clock() + self.timeout)
+            heapq.heappush(self._heap, (priority, next(self._seq), flight))
+            self._lot.unpark_all()
+        flight.priority = priority
+
+    # ------------------------------------------------------------------ local stage
+
+    async def _local_stage(self, flights: list[Flight]) -> None:
+        results = None
+        try:
+            results = await trio.to_thread.run_sync(
+                self._get_local_many,
+                [(f.chunk_id, f.size) for f in flights],
+                limiter=self._local_limiter,
+                abandon_on_cancel=True,
+            )
+        finally:
+            if results is None:  # cancelled at shutdown
+                for flight in flights:
+                    self._finish(flight, None, ShuttingDown("the mount is shutting down"))
+        for flight, (found, error) in zip(flights, results, strict=True):
+            if flight.state == DONE:
+                continue
+            if found is not None or error is not None:
+                self._finish(flight, found, error)
+            elif not self.source.has_remote:
+                self._finish(flight, None, ChunkUnavailable(flight.chunk_id, []))
+            else:
+                self._enqueue(flight)
+
+    def _get_local_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> list[tuple[bytes | None, Exception | None]]:
+        """Worker thread: each chunk's data from a local source, or (None, None) on a miss."""
+        out: list[tuple[bytes | None, Exception | None]] = []
+        for chunk_id, size in items:
+            try:
+                found = self.source.get_local(chunk_id, size)
+                out.append((found[0] if found is not None else None, None))
+            except Exception as exc:
+                out.append((None, exc))
+        return out
+
+    # ------------------------------------------------------------------ remote stage
+
+    def _enqueue(self, flight: Flight) -> None:
+        flight.state = QUEUED
+        self._queued[flight.priority] += 1
+        heapq.heappush(self._heap, (flight.priority, next(self._seq), flight))
+        self._lot.unpark_all()
+
+    def _pop(self, demand_only: bool) -> Flight | None:
+        heap = self._heap
+        while heap:
+            priority, _, flight = heap[0]
+            if flight.state != QUEUED or priority != flight.priority:
+                heapq.heappop(heap)  # stale: promoted (pushed again) or finished
+                continue
+            if demand_only and priority != Priority.ON_DEMAND:
+                return None
+            heapq.heappop(heap)
+            self._queued[priority] -= 1
+            flight.state = REMOTE
+            return flight
+        return None
+
+    async def _remote_worker(self, demand_only: bool) -> None:
+        while True:
+            flight = self._pop(demand_only)
+            if flight is None:
+                await self._lot.park()
+                continue
+            await self._fetch_remote(flight)
+
+    async def _fetch_remote(self, flight: Flight) -> None:
+        priority = flight.priority
+        self.active_remote[priority] += 1
+        data, error = None, None
+        try:
+            data, _ = await trio.to_thread.run_sync(
+                self.source.get_remote,
+                flight.chunk_id,
+                flight.size,
+                flight.deadline,
+                limiter=self._remote_limiter,
+                abandon_on_cancel=True,
+            )
+            self.fetched[priority] += 1
+        except Exception as exc:
+            error = exc
+        finally:
+            self.active_remote[priority] -= 1
+            if data is None and error is None:  # cancelled at shutdown
+                error = ShuttingDown("the mount is shutting down")
+            self._finish(flight, data, error)
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(self, flight: Flight, data: bytes | None, error: Exception | None) -> None:
+        if flight.state == DONE:
+            return
+        if flight.state == QUEUED:
+            self._queued[flight.priority] -= 1
+        if data is not None:
+            self.deliver(flight.chunk_id, data)
+        else:
+            self.failed += 1
+            if flight.priority != Priority.ON_DEMAND and isinstance(error, ChunkUnavailable):
+                log.info("background fetch failed: %s", error)
+        flight.data, flight.error, flight.state = data, error, DONE
+        if self._flights.get(flight.chunk_id) is flight:
+            del self._flights[flight.chunk_id]
+        flight.done.set()
+
+    def snapshot(self) -> dict[str, object]:
+        names = {p: p.name.lower().replace("_", "-") for p in Priority}
+        return {
+            "queued": {names[p]: n for p, n in self._queued.items()},
+            "fetching": {names[p]: n for p, n in self.active_remote.items()},
+            "fetched": {names[p]: n for p, n in self.fetched.items()},
+            "pending": len(self._flights),
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "remote_slots": self.remote_slots,
+            "reserved_for_reads": self.reserved,
+        }
+

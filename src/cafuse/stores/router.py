@@ -1,0 +1,179 @@
+"""Remote stores for the chunk fetch path: the ``--store`` order, failover groups, one
+deadline per chunk, retries across stores, and each store's health.
+
+Stores sit in tiers: each ``--store`` is a tier, tried in the order given; the members of
+a failover group ``A|B`` share a tier and the fastest healthy one goes first. A fetch goes
+round the tiers:
+
+- a store that answers "not found" (404) is not asked again for that chunk; when every store
+  said so, the chunk is unavailable at once, without retries;
+- a transient failure (connection, timeout, 5xx, a cut or corrupt body) hands over to the
+  next store at once; when a whole round failed, the next round waits a backoff with full
+  jitter, and a store that asked to slow down (429/503) is left alone for a while;
+- a permanent failure (401, 403, other 4xx, a bad URL) drops the store for this chunk;
+- a store whose circuit breaker is open is skipped (see ``health.py``);
+- every attempt is capped at the time left before the chunk's deadline, and nothing runs
+  past it.
+
+Blocking: call from worker threads. ``clock`` and ``sleep`` are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from ..errors import ChunkUnavailable, Failure
+from .base import ChunkStore, CorruptChunkError, StoreError, ThrottledStoreError
+from .health import HALF_OPEN, StoreHealth
+from .retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+TRIAL_TIMEOUT = 2.0  # a half-open store gets this long (or 4x its usual latency) to answer
+
+Decode = Callable[[bytes], bytes]  # stored bytes -> verified data; ValueError when corrupt
+
+
+class RemoteRouter:
+    def __init__(
+        self,
+        tiers: Sequence[Sequence[ChunkStore]],
+        policy: RetryPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.tiers = [list(tier) for tier in tiers if tier]
+        self.policy = policy or RetryPolicy()
+        self.clock = clock
+        self.sleep = sleep
+        self.stores = [store for tier in self.tiers for store in tier]
+        self.health = {id(store): StoreHealth(store.url, clock) for store in self.stores}
+
+    def __bool__(self) -> bool:
+        return bool(self.stores)
+
+    def health_of(self, store: ChunkStore) -> StoreHealth:
+        return self.health[id(store)]
+
+    def fetch(
+        self, chunk_id: bytes, deadline: float, decode: Decode
+    ) -> tuple[bytes, bytes, ChunkStore]:
+        """(data, stored bytes, store) of a verified copy, or ChunkUnavailable."""
+        failures: list[Failure] = []
+        done: set[int] = set()  # stores out of the running for this chunk
+        for retry in range(self.policy.retries + 1):
+            attempted, throttled = False, None
+            for store in self._candidates(done):
+                health = self.health_of(store)
+                if not health.acquire():
+                    continue
+                left = deadline - self.clock()
+                timeout = self.policy.attempt_timeout(left)
+                if health.state == HALF_OPEN:
+                    usual = health.ewma_latency or 0.0
+                    timeout = min(timeout, max(TRIAL_TIMEOUT, 4 * usual))
+                if timeout <= 0.001:
+                    health.release()
+                    break
+                attempted = True
+                outcome = self._attempt(store, health, chunk_id, timeout, decode, failures)
+                if isinstance(outcome, tuple):
+                    return outcome
+                if outcome in ("not found", "permanent"):
+                    done.add(id(store))
+                elif outcome == "throttled":
+                    throttled = failures[-1]
+            remaining = self._candidates(done)
+            if not remaining:
+                raise ChunkUnavailable(chunk_id, failures)
+            if retry == self.policy.retries:
+                break
+            now = self.clock()
+            if attempted:
+                pause = self.policy.backoff(retry)
+                for store in remaining:
+                    self.health_of(store).retried()
+            else:  # every store left is resting (breaker open, or asked to slow down)
+                earliest = min(self.health_of(s).available_at() for s in remaining)
+                # a half-open store's trial is under way elsewhere: look again shortly
+                pause = min(max(0.0, earliest - now), self.policy.max_backoff)
+                if not failures or failures[-1].kind != "circuit open":
+                    failures.append(_resting(remaining, self))
+            if throttled is not None:
+                log.debug("backing off after %s", throttled.message)
+            if now + pause >= deadline:
+                break
+            self.sleep(pause)
+        failures.append(
+            Failure("", "deadline", f"gave up after {self.policy.timeout:g} s (--timeout)")
+        )
+        raise ChunkUnavailable(chunk_id, failures)
+
+    def _candidates(self, done: set[int]) -> list[ChunkStore]:
+        out: list[ChunkStore] = []
+        for tier in self.tiers:
+            members = [s for s in tier if id(s) not in done]
+            if len(members) > 1:
+                members.sort(key=lambda s: self.health_of(s).score())
+            out += members
+        return out
+
+    def _attempt(
+        self,
+        store: ChunkStore,
+        health: StoreHealth,
+        chunk_id: bytes,
+        timeout: float,
+        decode: Decode,
+        failures: list[Failure],
+    ) -> tuple[bytes, bytes, ChunkStore] | str:
+        """One request; the outcome's kind, or the result."""
+        started = self.clock()
+        try:
+            blob = store.get(chunk_id, timeout=timeout)  # type: ignore[call-arg]
+        except ThrottledStoreError as exc:
+            pause = self.policy.backoff(health.consecutive_failures, exc)
+            health.failure("throttled", pause)
+            failures.append(Failure(store.url, "throttled", str(exc)))
+            return "throttled"
+        except CorruptChunkError as exc:
+            health.failure("corrupt")
+            failures.append(Failure(store.url, "corrupt", str(exc)))
+            return "corrupt"
+        except StoreError as exc:
+            health.failure(exc.kind)
+            failures.append(Failure(store.url, exc.kind, str(exc)))
+            log.info("chunk %s: %s", chunk_id.hex(), exc)
+            return exc.kind
+        except BaseException:
+            health.release()
+            raise
+        if blob is None:
+            health.missing()
+            failures.append(Failure(store.url, "not found", f"not in {store.url}"))
+            return "not found"
+        try:
+            data = decode(blob)
+        except ValueError as exc:
+            # a network copy that does not match its id is a bad transfer: retried
+            health.failure("corrupt")
+            failures.append(Failure(store.url, "corrupt", f"corrupt in {store.url} ({exc})"))
+            log.info("chunk %s corrupt in %s (%s)", chunk_id.hex(), store.url, exc)
+            return "corrupt"
+        health.success(self.clock() - started, len(blob))
+        return data, blob, store
+
+    def snapshot(self) -> dict[str, object]:
+        return {store.url: self.health_of(store).snapshot() for store in self.stores}
+
+
+def _resting(stores: list[ChunkStore], router: RemoteRouter) -> Failure:
+    names = ", ".join(s.url for s in stores)
+    return Failure(
+        names,
+        "circuit open",
+        f"{names}: not answering, skipped for now (failed repeatedly; tried again shortly)",
+    )

@@ -232,14 +232,19 @@ class SeaweedFS:
 @dataclass
 class Faults:
     """What the faulty server does to each request: with probability ``rate`` one of
-    ``kinds`` (500, reset, stall, truncate, wrong), decided by a seeded generator."""
+    ``kinds`` (500, 429, 403, reset, stall, truncate, wrong), decided by a seeded generator.
+    ``get_only`` answers HEAD with 501, as many static hosts and CDNs do; the first
+    ``spare`` requests are served faithfully."""
 
     rate: float = 0.0
     kinds: tuple[str, ...] = ()
     stall_seconds: float = 30.0
     methods: tuple[str, ...] = ("GET", "HEAD")
     seed: int = 1
+    get_only: bool = False
+    spare: int = 0
     requests: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
     _rng: random.Random = field(default_factory=random.Random)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -249,13 +254,20 @@ class Faults:
     def pick(self, method: str, path: str) -> str | None:
         with self._lock:
             self.requests.append(path)
+            if method == "HEAD" and self.get_only:
+                return "501"
+            if len(self.requests) <= self.spare:
+                return None
             if method in self.methods and self.kinds and self._rng.random() < self.rate:
-                return self._rng.choice(self.kinds)
+                fault = self._rng.choice(self.kinds)
+                self.faults.append(fault)
+                return fault
             return None
 
 
 class _FaultyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
     root: Path
     faults: Faults
 
@@ -282,8 +294,11 @@ class _FaultyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return
-        if fault == "500":
-            self._reply(500, b"internal error\n")
+        if fault in ("500", "501", "403"):
+            self._reply(int(fault), b"refused\n")
+            return
+        if fault == "429":
+            self._reply(429, b"slow down\n", headers={"Retry-After": "1"})
             return
         if not path.is_file():
             self._reply(404, b"not found\n")
@@ -302,8 +317,16 @@ class _FaultyHandler(http.server.BaseHTTPRequestHandler):
             return
         self._reply(200, b"" if head else body, length=len(body))
 
-    def _reply(self, code: int, body: bytes, length: int | None = None) -> None:
+    def _reply(
+        self,
+        code: int,
+        body: bytes,
+        length: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
         if body:
@@ -322,3 +345,44 @@ def faulty_server(root: Path, faults: Faults) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class DarkListener:
+    """Accepts connections and never answers: a store behind a black hole. Counts what
+    reached it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/store"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._held:
+            conn.close()
+
+
+@contextlib.contextmanager
+def dark_listener() -> Iterator[DarkListener]:
+    dark = DarkListener()
+    try:
+        yield dark
+    finally:
+        dark.close()

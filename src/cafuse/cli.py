@@ -94,6 +94,13 @@ def _index_and_source(args: argparse.Namespace):
     return index, source
 
 
+def _print_store_lines(source) -> None:
+    from .stats import store_lines
+
+    for line in store_lines(source.store_stats()):
+        print(line)
+
+
 def print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
@@ -134,6 +141,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         index, args.output, source, in_place=args.in_place, threads=_concurrency(args, source)
     )
     print(result.summary(args.output))
+    _print_store_lines(source)
     return 0
 
 
@@ -163,6 +171,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     index, source = _index_and_source(args)
     report = fill_cache(index, source, threads=_concurrency(args, source))
     print(report.summary(args.cache))
+    _print_store_lines(source)
     return 0
 
 

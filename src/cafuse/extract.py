@@ -25,7 +25,8 @@ from .sizes import format_size
 
 log = logging.getLogger(__name__)
 
-GROUPS_PER_TASK = 64
+GROUPS_PER_TASK = 64  # local sources: few, large tasks (a task costs a future and a hop)
+GROUPS_PER_REMOTE_TASK = 2  # remote: a slow or retried chunk must not hold up 63 others
 
 
 @dataclass
@@ -164,9 +165,10 @@ def extract(
                     bar.update(n)
 
             groups = len(bounds) - 1
-            for lo in range(0, groups, GROUPS_PER_TASK):
-                pending.append(pool.submit(run, lo, min(lo + GROUPS_PER_TASK, groups)))
-                while len(pending) > 4 * threads:
+            step = GROUPS_PER_REMOTE_TASK if source.has_remote else GROUPS_PER_TASK
+            for lo in range(0, groups, step):
+                pending.append(pool.submit(run, lo, min(lo + step, groups)))
+                while len(pending) > 4 * threads * (GROUPS_PER_TASK // step):
                     collect(pending.popleft())
             while pending:
                 collect(pending.popleft())

@@ -300,4 +300,3 @@ class FetchScheduler:
             "remote_slots": self.remote_slots,
             "reserved_for_reads": self.reserved,
         }
-

@@ -53,3 +53,28 @@ class FetchStats:
                 "errors": dict(self.errors),
                 "fetch_latency_ms": percentiles | {"samples": len(lat)},
             }
+
+
+def store_lines(stores: dict[str, dict]) -> list[str]:
+    """One line per remote store, as ``cafuse stats`` and the job summaries print them."""
+    from .sizes import format_size
+
+    lines = []
+    for url, s in stores.items():
+        if not s["requests"]:
+            continue
+        errors = ", ".join(f"{kind} {n}" for kind, n in sorted(s["errors"].items()))
+        lat = s["latency_ms"]
+        latency = (
+            f"; latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms"
+            if lat.get("samples")
+            else ""
+        )
+        lines.append(
+            f"store {url}: {s['requests']} requests, {s['chunks']} chunks "
+            f"({format_size(s['bytes'])} transferred), {s['not_found']} not found, "
+            f"{s['retries']} retries, errors: {errors or 'none'}; breaker {s['state']}"
+            + (f" (opened {s['times_opened']}x)" if s["times_opened"] else "")
+            + latency
+        )
+    return lines

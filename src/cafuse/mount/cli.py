@@ -105,6 +105,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lat = stats["fetch_latency_ms"]
     if lat.get("samples"):
         print(f"fetch latency: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+    from ..stats import store_lines
+
+    for line in store_lines(stats.get("stores", {})):
+        print(line)
+    sched = stats.get("scheduler")
+    if sched:
+        queued = ", ".join(f"{k} {v}" for k, v in sched["queued"].items() if v)
+        fetching = ", ".join(f"{k} {v}" for k, v in sched["fetching"].items() if v)
+        print(
+            f"scheduler: {sched['pending']} chunks pending; queued: {queued or 'none'}; "
+            f"fetching: {fetching or 'none'}; {sched['remote_slots']} remote slots, "
+            f"{sched['reserved_for_reads']} kept for reads"
+        )
     if stats["errors"]:
         print("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())))
     return 0

@@ -5,7 +5,8 @@ Breaker: *closed* (requests flow) -> *open* after ``FAILURES_TO_OPEN`` consecuti
 (requests skip the store) -> after a cool-down, *half-open*: one trial request; success
 closes it, failure opens it again with the cool-down doubled (up to ``MAX_COOLDOWN``). A
 dead store so costs about one request timeout per cool-down, not one per chunk, and a store
-that comes back is used again by itself.
+that comes back is used again by itself. A store that answers "slow down" is alive: that
+is no breaker failure, the chunk backs off instead.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class StoreHealth:
         self.consecutive_failures = 0
         self.cooldown = BASE_COOLDOWN
         self.open_until = 0.0
-        self.paused_until = 0.0  # the store asked us to slow down (429/503)
         self._trial_in_flight = False
         self.ewma_latency: float | None = None
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
@@ -53,18 +53,16 @@ class StoreHealth:
         """When a request may next go to this store (now or earlier: at once)."""
         with self._lock:
             if self.state == CLOSED:
-                return self.paused_until
+                return 0.0
             if self.state == OPEN:
-                return max(self.open_until, self.paused_until)
-            return float("inf") if self._trial_in_flight else self.paused_until
+                return self.open_until
+            return float("inf") if self._trial_in_flight else 0.0
 
     def acquire(self) -> bool:
         """May a request go to the store now? A half-open store admits one trial at a time:
         the caller that gets True for it must report ``success``/``failure``/``release``."""
         now = self.clock()
         with self._lock:
-            if now < self.paused_until:
-                return False
             if self.state == OPEN:
                 if now < self.open_until:
                     return False
@@ -100,19 +98,25 @@ class StoreHealth:
             self._answered()
             self.not_found += 1
 
-    def failure(self, kind: str, pause: float = 0.0) -> None:
-        """A failed request; ``pause`` > 0 when the store asked us to slow down."""
+    def failure(self, kind: str) -> None:
+        """A failed request: counts towards opening the breaker."""
         now = self.clock()
         with self._lock:
             self.errors[kind] = self.errors.get(kind, 0) + 1
-            if pause > 0:
-                self.paused_until = max(self.paused_until, now + pause)
             self.consecutive_failures += 1
             if self.state == HALF_OPEN:
                 self._trial_in_flight = False
                 self._open(now, self.cooldown * 2)
             elif self.state == CLOSED and self.consecutive_failures >= FAILURES_TO_OPEN:
                 self._open(now, BASE_COOLDOWN)
+
+    def throttled(self) -> None:
+        """The store said "slow down" (429/503). Not a breaker failure: the store is alive.
+        The chunk that got it backs off (``RetryPolicy.backoff``); every thread doing so
+        lowers the request rate by as much as the store refuses."""
+        with self._lock:
+            self.errors["throttled"] = self.errors.get("throttled", 0) + 1
+            self._trial_in_flight = False
 
     def release(self) -> None:
         """A granted request was not made after all (the chunk came from elsewhere)."""

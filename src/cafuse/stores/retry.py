@@ -23,7 +23,10 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 10
 MIN_ATTEMPT_TIMEOUT = 1.0
-THROTTLE_BACKOFF = 1.0  # first pause after a 429/503 whose Retry-After we cannot see
+# after a 429/503 whose Retry-After obstore does not show us: full jitter on a cap that
+# starts above the usual one and doubles to THROTTLE_MAX_BACKOFF
+THROTTLE_BACKOFF = 0.25
+THROTTLE_MAX_BACKOFF = 4.0
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,12 @@ class RetryPolicy:
 
     def backoff(self, retry: int, throttled: ThrottledStoreError | None = None) -> float:
         """Pause before retry number ``retry`` (0-based): full jitter over an exponentially
-        growing cap; a store that asked us to slow down gets at least what it asked for."""
-        pause = random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**retry))
-        if throttled is not None:
-            wanted = throttled.retry_after
-            if wanted is None:
-                wanted = min(THROTTLE_BACKOFF * 2**retry, 30.0) * random.uniform(0.5, 1.0)
-            pause = max(pause, wanted)
-        return pause
+        growing cap, a larger one after "slow down", or what the store asked for."""
+        if throttled is None:
+            return random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**retry))
+        if throttled.retry_after is not None:
+            return throttled.retry_after
+        return random.uniform(0, min(THROTTLE_MAX_BACKOFF, THROTTLE_BACKOFF * 2**retry))
 
     def run(self, what: str, attempt: Callable[[float], T]) -> T:
         """Call ``attempt(seconds_for_this_try)`` until it succeeds, raises a non-transient

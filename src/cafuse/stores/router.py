@@ -9,7 +9,7 @@ round the tiers:
   said so, the chunk is unavailable at once, without retries;
 - a transient failure (connection, timeout, 5xx, a cut or corrupt body) hands over to the
   next store at once; when a whole round failed, the next round waits a backoff with full
-  jitter, and a store that asked to slow down (429/503) is left alone for a while;
+  jitter; a chunk that got "slow down" (429/503) waits at least a second, doubling;
 - a permanent failure (401, 403, other 4xx, a bad URL) drops the store for this chunk;
 - a store whose circuit breaker is open is skipped (see ``health.py``);
 - every attempt is capped at the time left before the chunk's deadline, and nothing runs
@@ -51,6 +51,7 @@ class RemoteRouter:
         self.sleep = sleep
         self.stores = [store for tier in self.tiers for store in tier]
         self.health = {id(store): StoreHealth(store.url, clock) for store in self.stores}
+        self._throttles: dict[int, ThrottledStoreError] = {}
 
     def __bool__(self) -> bool:
         return bool(self.stores)
@@ -64,7 +65,8 @@ class RemoteRouter:
         """(data, stored bytes, store) of a verified copy, or ChunkUnavailable."""
         failures: list[Failure] = []
         done: set[int] = set()  # stores out of the running for this chunk
-        for retry in range(self.policy.retries + 1):
+        retry = 0
+        while True:
             attempted, throttled = False, None
             for store in self._candidates(done):
                 health = self.health_of(store)
@@ -84,26 +86,25 @@ class RemoteRouter:
                     return outcome
                 if outcome in ("not found", "permanent"):
                     done.add(id(store))
-                elif outcome == "throttled":
-                    throttled = failures[-1]
+                elif outcome == "throttled" and throttled is None:
+                    throttled = self._throttles[id(store)]
             remaining = self._candidates(done)
             if not remaining:
                 raise ChunkUnavailable(chunk_id, failures)
-            if retry == self.policy.retries:
-                break
             now = self.clock()
             if attempted:
-                pause = self.policy.backoff(retry)
+                if retry == self.policy.retries:
+                    break
+                pause = self.policy.backoff(retry, throttled)
+                retry += 1
                 for store in remaining:
                     self.health_of(store).retried()
-            else:  # every store left is resting (breaker open, or asked to slow down)
+            else:  # every store left is resting (breaker open)
                 earliest = min(self.health_of(s).available_at() for s in remaining)
                 # a half-open store's trial is under way elsewhere: look again shortly
                 pause = min(max(0.0, earliest - now), self.policy.max_backoff)
                 if not failures or failures[-1].kind != "circuit open":
                     failures.append(_resting(remaining, self))
-            if throttled is not None:
-                log.debug("backing off after %s", throttled.message)
             if now + pause >= deadline:
                 break
             self.sleep(pause)
@@ -135,8 +136,8 @@ class RemoteRouter:
         try:
             blob = store.get(chunk_id, timeout=timeout)  # type: ignore[call-arg]
         except ThrottledStoreError as exc:
-            pause = self.policy.backoff(health.consecutive_failures, exc)
-            health.failure("throttled", pause)
+            health.throttled()
+            self._throttles[id(store)] = exc
             failures.append(Failure(store.url, "throttled", str(exc)))
             return "throttled"
         except CorruptChunkError as exc:

@@ -82,6 +82,11 @@ def make(
     """
     hash_chunk = hash_function(digest)
     threads = threads or os.cpu_count() or 2
+    # a store that can refresh a reused chunk's mtime (touch) keeps a concurrent gc off it
+    reuse = getattr(store, "touch", None) or store.has
+    remove_stale_temps = getattr(store, "remove_stale_temps", None)
+    if remove_stale_temps is not None:
+        remove_stale_temps()
     result = MakeResult()
     started = time.monotonic()
 
@@ -93,7 +98,7 @@ def make(
             data = view[offset : offset + length]
             chunk_id = hash_chunk(data)
             ids.append(chunk_id)
-            if store.has(chunk_id):
+            if reuse(chunk_id):
                 continue
             blob = compress(data, compression, level)
             if store.put(chunk_id, blob):

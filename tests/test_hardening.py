@@ -331,3 +331,124 @@ def test_writers_in_separate_pid_namespaces_lose_no_chunk(tmp_path: Path) -> Non
         verified = run_cafuse("verify", tmp_path / f"{n}.caibx", "--store", store)
         assert "0 missing, 0 corrupt" in verified.stdout
     assert not [p for p in store.rglob(".*") if p.is_file()]  # no temporary files left
+
+
+# ---------------------------------------------------------------- FIFOs given as files
+
+
+def test_fifo_as_input_seed_or_index_is_refused(small, tmp_path: Path) -> None:
+    _, index, store = small
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = tmp_path / "a.img"
+    for args, what in (
+        (("make", tmp_path / "x.caibx", fifo, "--store", store), "input"),
+        (("extract", index, tmp_path / "o.img", "--seed", f"{index}:{fifo}"), "seed file"),
+        (("extract", index, tmp_path / "o.img", "--seed", f"{fifo}:{image}"), "index"),
+        (("extract", fifo, tmp_path / "o.img", "--store", store), "index"),
+        (("info", fifo), "index"),
+    ):
+        proc = run_cafuse(*args, check=False, timeout=HANG_GUARD)
+        assert_user_error(proc, str(fifo), f"{what} is a named pipe (FIFO)")
+
+
+# ---------------------------------------------------------------- debris of killed writers
+
+
+def test_debris_of_killed_writers_is_removed_live_writers_kept(small, tmp_path: Path) -> None:
+    data, index, store = small
+    # extract: an unlocked temp file of the same target is a dead writer's
+    dead = tmp_path / ".out.img.dead0001.tmp"
+    dead.write_bytes(bytes(1 << 20))
+    live = tmp_path / ".out.img.live0001.tmp"
+    live.write_bytes(b"")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(live),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        other = tmp_path / ".other.img.dead0002.tmp"  # another target's: not ours to judge
+        other.write_bytes(b"x")
+        run_cafuse("extract", index, tmp_path / "out.img", "--store", store)
+        assert (tmp_path / "out.img").read_bytes() == data
+        assert not dead.exists() and live.exists() and other.exists()
+    finally:
+        holder.communicate("", timeout=HANG_GUARD)
+    # stores: temp files older than an hour go (make and gc), fresh ones stay
+    chunk = _chunk_files(index, store)[0]
+    stale = chunk.parent / f".{chunk.name}.0123456789abcdef.tmp"
+    fresh = chunk.parent / f".{chunk.name}.fedcba9876543210.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    os.utime(stale, (OLD, OLD))
+    run_cafuse("make", tmp_path / "b.caibx", tmp_path / "a.img", "--store", store)
+    assert not stale.exists() and fresh.exists()
+    stale.write_bytes(b"partial")
+    os.utime(stale, (OLD, OLD))
+    out = run_cafuse("gc", store, index, tmp_path / "b.caibx").stdout
+    assert "removed 1 stale temporary files" in out
+    assert not stale.exists() and fresh.exists()
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """An 8 MiB tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_is_one_line_and_leaves_no_temp_files(tmp_path: Path, small_fs: Path) -> None:
+    data = random_bytes(20 << 20, seed=41)
+    store = tmp_path / "store"
+    index = _make(tmp_path, "big", data, store)
+    # extract's output
+    out = small_fs / "out.img"
+    proc = run_cafuse("extract", index, out, "--store", store, check=False)
+    assert_user_error(proc, str(out), "no space left on device", "the image needs 20.0 MiB")
+    assert os.listdir(small_fs) == []
+    # make's store
+    proc = run_cafuse(
+        "make",
+        tmp_path / "x.caibx",
+        tmp_path / "big.img",
+        "--store",
+        small_fs / "store",
+        check=False,
+    )
+    assert_user_error(proc, "no space left on device", "the image is 20.0 MiB")
+    assert not [p for p in small_fs.rglob(".*") if p.is_file()]
+    assert not (tmp_path / "x.caibx").exists()
+    subprocess.run(["rm", "-rf", str(small_fs / "store")], check=True)
+    # make's index: the disk fills while the index is written
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    with open(small_fs / "filler", "wb") as f:
+        f.write(bytes(free - 8192))
+    proc = run_cafuse(
+        "make",
+        small_fs / "x.caibx",
+        tmp_path / "big.img",
+        "--store",
+        store,
+        "--chunk-size",
+        "16K",
+        check=False,
+    )
+    assert_user_error(proc, str(small_fs / "x.caibx"), "no space left on device")
+    assert os.listdir(small_fs) == ["filler"]

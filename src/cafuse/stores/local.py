@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import free_space
+from ..fileio import describe_file_type
 from ..sizes import format_size
 from .base import ChunkStore, StoreError, chunk_path
 
@@ -47,18 +49,9 @@ class CorruptChunk(StoreError):
 class StoreFull(StoreError):
     """The store's filesystem ran out of space (or quota)."""
 
-
-def describe_file_type(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISFIFO, "named pipe (FIFO)"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISSOCK, "socket"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
+    def __init__(self, message: str, free: str | None = None) -> None:
+        super().__init__(message)
+        self.free = free  # e.g. "12.0 MiB free"
 
 
 class LocalStore(ChunkStore):
@@ -221,18 +214,16 @@ class LocalStore(ChunkStore):
 
     def _write_error(self, exc: OSError) -> StoreError:
         if exc.errno in _NO_SPACE:
+            free = self.free_text()
             return StoreFull(
-                f"store {self.root}: no space left on device ({self.free_text()}): "
-                "free some space or use another --store"
+                f"store {self.root}: no space left on device ({free}): "
+                "free some space or use another --store",
+                free,
             )
         return StoreError(f"store {self.root}: cannot write chunk: {exc.strerror}")
 
     def free_text(self) -> str:
-        try:
-            vfs = os.statvfs(self.root)
-        except OSError:
-            return "free space unknown"
-        return f"{format_size(vfs.f_bavail * vfs.f_frsize)} free"
+        return free_space(self.root)
 
     def delete(self, chunk_id: bytes) -> None:
         for candidate in self._candidates(chunk_id):

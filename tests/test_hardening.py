@@ -8,6 +8,7 @@ never as a test that waits forever.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import stat
@@ -452,3 +453,57 @@ def test_disk_full_is_one_line_and_leaves_no_temp_files(tmp_path: Path, small_fs
     )
     assert_user_error(proc, str(small_fs / "x.caibx"), "no space left on device")
     assert os.listdir(small_fs) == ["filler"]
+
+
+# ---------------------------------------------------------------- a killed mount daemon
+
+
+def _daemon_pids(mountpoint: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in args and str(mountpoint).encode() in args:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _in_mountinfo(mountpoint: Path) -> bool:
+    return f" {mountpoint} " in Path("/proc/self/mountinfo").read_text()
+
+
+def test_killed_daemon_mount_is_reported_and_cleaned_up(small, tmp_path: Path) -> None:
+    data, index, store = small
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_cafuse("mount", index, mnt, "--store", store)
+    try:
+        (pid,) = _daemon_pids(mnt)
+        os.kill(pid, 9)
+        deadline = time.monotonic() + HANG_GUARD
+        while not _stat_errno(mnt):
+            assert time.monotonic() < deadline, "the mount stayed alive"
+            time.sleep(0.01)  # until the kernel notices the daemon is gone
+        assert _stat_errno(mnt) == errno.ENOTCONN
+        again = run_cafuse("mount", index, mnt, "--store", store, check=False)
+        assert_user_error(again, "dead cafuse mount", f"cafuse umount {mnt}")
+        run_cafuse("umount", mnt)
+        assert not _in_mountinfo(mnt)
+        run_cafuse("mount", index, mnt, "--store", store)
+        assert (mnt / "a").read_bytes() == data
+        run_cafuse("umount", mnt)
+        assert not _in_mountinfo(mnt)
+    finally:
+        if _in_mountinfo(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _stat_errno(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno or -1
+    return 0

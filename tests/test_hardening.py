@@ -507,3 +507,61 @@ def _stat_errno(path: Path) -> int:
     except OSError as exc:
         return exc.errno or -1
     return 0
+
+
+# ---------------------------------------------------------------- a small shared cache
+
+_CACHE_WRITER = """
+import sys
+import numpy as np
+from cafuse.stores import CacheStore
+cache = CacheStore(sys.argv[1], int(sys.argv[2]))
+rng = np.random.default_rng(int(sys.argv[3]))
+for _ in range(int(sys.argv[4])):
+    blob = rng.integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    cache.put(rng.bytes(32), blob)
+"""
+
+
+def test_small_shared_cache_stays_within_its_bound(tmp_path: Path) -> None:
+    """Two processes fill one cache with 8x its bound: it ends within the bound, not
+    emptied, and its ledger agrees with the directory."""
+    from cafuse.stores import CacheStore
+
+    bound = 1 << 20
+    cache = tmp_path / "cache"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CACHE_WRITER, str(cache), str(bound), str(seed), "400"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for proc in writers:
+        _, err = proc.communicate(timeout=HANG_GUARD)
+        assert proc.returncode == 0, err
+    store = CacheStore(cache, bound)
+    usage = store.usage()
+    assert bound // 2 < usage <= bound
+    ledger, _ = store._read_ledger()
+    assert ledger == usage
+
+
+def test_cache_writes_rarely_rescan_the_cache(tmp_path: Path) -> None:
+    """Eviction scans the directory; writes must not: 4 MiB through a 1 MiB cache costs a
+    handful of scans (one per fifth of the bound written), not one per write."""
+    from cafuse.stores import CacheStore
+
+    bound = 1 << 20
+    cache = CacheStore(tmp_path / "cache", bound)
+    scans = []
+    entries = cache._entries
+    cache._entries = lambda: scans.append(1) or entries()  # type: ignore[method-assign]
+    written = 0
+    for n in range(400):
+        blob = random_bytes(10_000, seed=n)
+        cache.put(n.to_bytes(32, "big"), blob)
+        written += len(blob)
+    assert len(scans) <= written // (bound // 5) + 2
+    assert cache.usage() <= bound

@@ -565,3 +565,16 @@ def test_cache_writes_rarely_rescan_the_cache(tmp_path: Path) -> None:
         written += len(blob)
     assert len(scans) <= written // (bound // 5) + 2
     assert cache.usage() <= bound
+
+
+def test_cache_command_fails_when_the_bound_is_smaller_than_the_image(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    index = _make(tmp_path, "a", random_bytes(2 << 20, seed=51), store)
+    cache = tmp_path / "cache"
+    proc = run_cafuse(
+        "cache", index, "--store", store, "--cache", cache, "--cache-size", "512K", check=False
+    )
+    err = assert_user_error(proc, "stayed cached", "--cache-size 512.0 KiB is too small")
+    assert "of 2.0 MiB)" in err
+    ok = run_cafuse("cache", index, "--store", store, "--cache", cache, "--cache-size", "8M")
+    assert "chunks needed" in ok.stdout

@@ -578,3 +578,21 @@ def test_cache_command_fails_when_the_bound_is_smaller_than_the_image(tmp_path: 
     assert "of 2.0 MiB)" in err
     ok = run_cafuse("cache", index, "--store", store, "--cache", cache, "--cache-size", "8M")
     assert "chunks needed" in ok.stdout
+
+
+# ---------------------------------------------------------------- extract --in-place
+
+
+def test_in_place_rerun_repairs_a_half_written_image(small, tmp_path: Path) -> None:
+    """A killed --in-place extract leaves a mix of old and new bytes under the final name;
+    the same command run again makes it right."""
+    data, index, store = small
+    out = tmp_path / "out.img"
+    old = bytearray(random_bytes(len(data), seed=61))
+    half = len(data) // 2
+    old[:half] = data[:half]  # the first half written before the kill, the rest old
+    old[half + 1000 : half + 5000] = bytes(4000)
+    out.write_bytes(bytes(old) + b"trailing bytes of a longer old image")
+    run_cafuse("extract", index, out, "--store", store, "--in-place")
+    assert out.read_bytes() == data
+    assert "Not atomic" in run_cafuse("extract", "--help").stdout

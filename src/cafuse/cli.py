@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-place",
         action="store_true",
-        help="write into OUTPUT directly, keeping chunks it already holds",
+        help="write into OUTPUT directly, keeping chunks it already holds. Not atomic: "
+        "if killed midway, OUTPUT is a mix of old and new bytes under its final name; "
+        "running the same extract again repairs it",
     )
     p.set_defaults(handler=cmd_extract)
 

@@ -596,3 +596,16 @@ def test_in_place_rerun_repairs_a_half_written_image(small, tmp_path: Path) -> N
     run_cafuse("extract", index, out, "--store", store, "--in-place")
     assert out.read_bytes() == data
     assert "Not atomic" in run_cafuse("extract", "--help").stdout
+
+
+def test_hostile_file_in_the_cache_is_dropped_and_refetched(small, tmp_path: Path) -> None:
+    data, index, store = small
+    cache = tmp_path / "cache"
+    run_cafuse("cache", index, "--store", store, "--cache", cache)
+    victim = cache / chunk_path(read_index(index).chunk_id(0))
+    victim.unlink()
+    os.mkfifo(victim)
+    out = tmp_path / "out.img"
+    run_cafuse("extract", index, out, "--store", store, "--cache", cache, timeout=HANG_GUARD)
+    assert out.read_bytes() == data
+    assert victim.is_file() and not stat.S_ISFIFO(victim.lstat().st_mode)

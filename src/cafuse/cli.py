@@ -207,9 +207,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     if report.unreadable:
         raise CafuseError(
-            f"store {store.url} could not deliver {len(report.unreadable)} chunks "
+            f"store {store.url} did not answer for {len(report.unreadable)} chunks "
             f"(first {report.unreadable[0].hex()}: {report.first_error}): "
-            "fix the store, then verify again"
+            "check the store, then verify again"
         )
     if bad:
         first = (report.corrupt + report.missing)[0].hex()

@@ -54,7 +54,14 @@ class CacheStore(LocalStore):
             raise StoreError(f"cache {self.root}: cannot open {name}: {exc.strerror}") from None
 
     def get(self, chunk_id: bytes) -> bytes | None:
-        blob = super().get(chunk_id)
+        try:
+            blob = super().get(chunk_id)
+        except StoreError as exc:
+            # a FIFO, device or oversized file in the cache: drop it, the stores refill it
+            log.warning("%s (dropped from the cache)", exc)
+            with contextlib.suppress(OSError):
+                self.delete(chunk_id)
+            return None
         if blob is not None:
             # most recently used; if another process evicted it meanwhile, the bytes are good
             with contextlib.suppress(OSError):

@@ -43,11 +43,11 @@ def test_gc_keeps_only_referenced_chunks(tmp_path: Path) -> None:
     keep = _make(tmp_path, "keep", random_bytes(400_000, seed=2), store)
     drop = _make(tmp_path, "drop", random_bytes(400_000, seed=3), store)
     before = len(list(store.rglob("*.cacnk")))
-    dry = run_cafuse("gc", store, keep, "--dry-run")
+    dry = run_cafuse("gc", store, keep, "--dry-run", "--grace", "0")
     assert before == len(list(store.rglob("*.cacnk")))
     kept_ids = {read_index(keep).chunk_id(i) for i in range(read_index(keep).chunk_count)}
     assert f"kept {len(kept_ids)} chunks, would delete {before - len(kept_ids)}" in dry.stdout
-    run_cafuse("gc", store, keep)
+    run_cafuse("gc", store, keep, "--grace", "0")
     assert len(list(store.rglob("*.cacnk"))) == len(kept_ids)
     assert "0 missing" in run_cafuse("verify", keep, "--store", store).stdout
     assert run_cafuse("verify", drop, "--store", store, check=False).returncode == 1

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import CafuseError
+from .fileio import open_for_reading
 from .sizes import parse_size
 
 # pyfastcdc's accepted ranges
@@ -71,15 +71,12 @@ class Block:
 def open_input(path: str) -> Iterator[tuple[int, int]]:
     """(fd, size) of a regular file or block device opened for reading."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_for_reading(path, "input", block_device_ok=True)
     except FileNotFoundError:
         raise CafuseError(f"{path}: input file not found") from None
     except OSError as exc:
         raise CafuseError(f"{path}: cannot open input: {exc.strerror}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise CafuseError(f"{path}: not a regular file or block device")
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         yield fd, os.lseek(fd, 0, os.SEEK_END)
     finally:

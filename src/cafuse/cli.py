@@ -218,7 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.unreadable:
         raise CafuseError(
             f"store {store.url} did not answer for {len(report.unreadable)} chunks "
-            f"(first {report.unreadable[0].hex()}): check the store, then verify again"
+            f"(first {report.unreadable[0].hex()}: {report.first_error}): "
+            "check the store, then verify again"
         )
     if bad:
         first = (report.corrupt + report.missing)[0].hex()
@@ -236,13 +237,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from .maintenance import collect_garbage
     from .resolve import load_index
+    from .sizes import format_duration, parse_duration
 
     remote = remote_options(args)
     indexes = [load_index(path, remote) for path in args.indexes]
     store = remote.open(args.store)
-    report = collect_garbage(store, indexes, dry_run=args.dry_run)
+    grace = parse_duration(args.grace, "--grace")
+    report = collect_garbage(store, indexes, dry_run=args.dry_run, grace=grace)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{store.url}: kept {report.kept} chunks, {verb} {report.deleted}")
+    print(
+        f"{store.url}: kept {report.kept} chunks, {verb} {report.deleted}"
+        + (
+            f"; spared {report.young} unreferenced chunks younger than "
+            f"{format_duration(grace)} (--grace)"
+            if report.young
+            else ""
+        )
+        + (f"; removed {report.temps} stale temporary files" if report.temps else "")
+    )
     return 0
 
 
@@ -367,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-place",
         action="store_true",
-        help="write into OUTPUT directly, keeping chunks it already holds",
+        help="write into OUTPUT directly, keeping chunks it already holds. Not atomic: "
+        "if killed midway, OUTPUT is a mix of old and new bytes under its final name; "
+        "running the same extract again repairs it",
     )
     p.set_defaults(handler=cmd_extract)
 
@@ -398,10 +412,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_verify)
 
-    p = sub.add_parser("gc", help="delete chunks that no given index references")
+    p = sub.add_parser(
+        "gc",
+        help="delete chunks that no given index references",
+        description="Delete the chunks of STORE that no given INDEX references and that are "
+        "older than --grace. Safe beside a make writing to the same store: make refreshes "
+        "the mtime of every chunk it reuses and writes new ones with a fresh mtime, so a "
+        "chunk a running make needs is never older than the grace period. Also removes "
+        "temporary files that killed writers left (older than an hour).",
+    )
     p.add_argument("store", metavar="STORE")
     p.add_argument("indexes", metavar="INDEX", nargs="+")
     p.add_argument("--dry-run", "-n", action="store_true", help="only count")
+    p.add_argument(
+        "--grace",
+        default="1h",
+        metavar="DURATION",
+        help="spare unreferenced chunks written or reused less than this long ago: longer "
+        "than any make takes (seconds, or 30m, 2h, 1d; default: %(default)s). 0 is safe "
+        "only when nothing writes to the store",
+    )
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_gc)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CafuseError
+from .atomic import write_error
 from .fetch import ChunkSource
 from .index import Index
 from .output import Output
@@ -172,6 +172,9 @@ def extract(
                     collect(pending.popleft())
             while pending:
                 collect(pending.popleft())
+    except OSError as exc:  # writing the output failed: a full disk, an I/O error
+        output.abort()
+        raise write_error(output_path, exc, needed=index.blob_size - result.zero) from None
     except BaseException:
         output.abort()
         raise
@@ -179,7 +182,8 @@ def extract(
     try:
         output.commit()
     except OSError as exc:
-        raise CafuseError(f"{output_path}: cannot finish writing: {exc.strerror}") from None
+        output.abort()
+        raise write_error(output_path, exc, needed=index.blob_size - result.zero) from None
     for origin, n in result.by_origin.items():
         if origin == "output":
             result.from_output += n

@@ -25,6 +25,7 @@ from .digest import (
     zero_chunk_id,
 )
 from .errors import CafuseError
+from .fileio import open_for_reading
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +209,13 @@ def read_index(path: str | os.PathLike[str]) -> Index:
     """Read a local index file (memory-mapped, so large tables are paged in on demand)."""
     source = str(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+        fd = open_for_reading(source, "index", block_device_ok=False)
+        try:
+            if os.fstat(fd).st_size == 0:
                 raise _fail(source, "file is empty")
-            buf: bytes | mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            buf: bytes | mmap.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise CafuseError(f"{source}: index file not found") from None
     except IsADirectoryError:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .digest import hash_function
+from .errors import CafuseError
 from .fetch import decode
 from .index import Index
 from .progress import Progress
+from .sizes import format_duration
 from .stores import ChunkStore, StoreError
+from .stores.local import CorruptChunk
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class VerifyReport:
     missing: list[bytes] = field(default_factory=list)
     corrupt: list[bytes] = field(default_factory=list)
     unreadable: list[bytes] = field(default_factory=list)  # the store failed to answer
+    first_error: str = ""  # why the first unreadable chunk could not be read
     repaired: int = 0
 
 
@@ -85,6 +90,9 @@ def verify_store(
         start, end = index.span(pos)
         try:
             blob = store.get(chunk_id)
+        except CorruptChunk as exc:
+            log.info("%s", exc)
+            return chunk_id, "corrupt"
         except StoreError as exc:
             return chunk_id, f"error: {exc}"
         if blob is None:
@@ -109,48 +117,89 @@ def verify_store(
                     report.repaired += 1
             elif verdict != "ok":
                 report.unreadable.append(chunk_id)
+                report.first_error = report.first_error or verdict.removeprefix("error: ")
                 log.info("chunk %s %s", chunk_id.hex(), verdict)
     bar.close()
     return report
+
+
+DEFAULT_GRACE = 3600.0
 
 
 @dataclass
 class GcReport:
     kept: int = 0
     deleted: int = 0
+    young: int = 0  # unreferenced, but younger than the grace period: kept
+    temps: int = 0  # stale temporary files of killed writers removed
 
 
 def collect_garbage(
-    store: ChunkStore, indexes: Iterable[Index], *, dry_run: bool = False
+    store: ChunkStore,
+    indexes: Iterable[Index],
+    *,
+    dry_run: bool = False,
+    grace: float = DEFAULT_GRACE,
 ) -> GcReport:
-    """Delete every chunk no index references.
+    """Delete every chunk no index references and that is older than ``grace`` seconds.
 
-    Membership is decided by the ids' first 8 bytes: a key collision can only keep an
-    unreferenced chunk, never delete a referenced one.
+    Safe beside a running ``make``: make refreshes the mtime of every chunk it reuses and
+    writes new ones with a fresh mtime, so a chunk it needs is never older than the grace
+    period (mark and sweep with a grace period, as backup tools do). Membership is decided
+    by the ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never
+    delete a referenced one.
     """
+    cutoff = time.time() - grace
     keys = [index.id_keys() for index in indexes]
     referenced = np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype="<u8")
     report = GcReport()
-    batch: list[bytes] = []
+    entries = _chunk_ages(store, grace, dry_run)
+    delete_if_older = getattr(store, "delete_if_older", None)
+    remove_stale_temps = getattr(store, "remove_stale_temps", None)
+    if remove_stale_temps is not None and not dry_run:
+        report.temps = remove_stale_temps()
+    batch: list[tuple[bytes, float]] = []
 
     def flush() -> None:
         if not batch:
             return
-        batch_keys = np.frombuffer(b"".join(c[:8] for c in batch), dtype="<u8")
+        batch_keys = np.frombuffer(b"".join(c[:8] for c, _ in batch), dtype="<u8")
         pos = np.minimum(np.searchsorted(referenced, batch_keys), max(len(referenced) - 1, 0))
         used = referenced[pos] == batch_keys if len(referenced) else np.zeros(len(batch), bool)
-        for chunk_id, keep in zip(batch, used.tolist(), strict=True):
+        for (chunk_id, mtime), keep in zip(batch, used.tolist(), strict=True):
             if keep:
                 report.kept += 1
-            else:
+            elif mtime >= cutoff:
+                report.young += 1
+            elif dry_run:
                 report.deleted += 1
-                if not dry_run:
-                    store.delete(chunk_id)
+            elif delete_if_older is not None:
+                if delete_if_older(chunk_id, cutoff):
+                    report.deleted += 1
+                else:
+                    report.young += 1  # reused by a make while gc ran
+            else:
+                store.delete(chunk_id)
+                report.deleted += 1
         batch.clear()
 
-    for chunk_id in store.iter_ids():
-        batch.append(chunk_id)
+    for entry in entries:
+        batch.append(entry)
         if len(batch) >= 65536:
             flush()
     flush()
     return report
+
+
+def _chunk_ages(store: ChunkStore, grace: float, dry_run: bool) -> Iterator[tuple[bytes, float]]:
+    """(id, mtime) of every chunk; mtime 0 for a store that cannot tell (grace 0 only)."""
+    iter_ages = getattr(store, "iter_ages", None)
+    if iter_ages is not None:
+        return iter_ages()
+    if grace > 0 and not dry_run:
+        raise CafuseError(
+            f"store {store.url} cannot tell the age of its chunks, which gc needs to spare "
+            f"chunks a running make reuses: stop every make writing to it, then run gc with "
+            f"--grace 0 (the grace was {format_duration(grace)})"
+        )
+    return ((chunk_id, 0.0) for chunk_id in store.iter_ids())

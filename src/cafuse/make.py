@@ -24,6 +24,7 @@ from .index import IndexWriter
 from .progress import Progress
 from .sizes import format_size
 from .stores import ChunkStore
+from .stores.local import StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ def make(
     """
     hash_chunk = hash_function(digest)
     threads = threads or os.cpu_count() or 2
+    # a store that can refresh a reused chunk's mtime (touch) keeps a concurrent gc off it
+    reuse = getattr(store, "touch", None) or store.has
+    remove_stale_temps = getattr(store, "remove_stale_temps", None)
+    if remove_stale_temps is not None:
+        remove_stale_temps()
     result = MakeResult()
     started = time.monotonic()
 
@@ -93,7 +99,7 @@ def make(
             data = view[offset : offset + length]
             chunk_id = hash_chunk(data)
             ids.append(chunk_id)
-            if store.has(chunk_id):
+            if reuse(chunk_id):
                 continue
             blob = compress(data, compression, level)
             if store.put(chunk_id, blob):
@@ -105,39 +111,51 @@ def make(
         id_array = np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)
         return _BatchResult(ends, id_array, new_chunks, new_bytes, stored_bytes)
 
-    with (
-        open_input(input_path) as (fd, size),
-        IndexWriter(
-            index_path, flags_for_digest(digest), sizes.min, sizes.avg, sizes.max
-        ) as writer,
-        ThreadPoolExecutor(threads, thread_name_prefix="make") as pool,
-    ):
-        bar = Progress(size, "make", progress)
-        pending: deque[Future[_BatchResult]] = deque()
-        keys: list[np.ndarray] = []
+    image_size = 0
+    try:
+        with (
+            open_input(input_path) as (fd, size),
+            IndexWriter(
+                index_path, flags_for_digest(digest), sizes.min, sizes.avg, sizes.max
+            ) as writer,
+            ThreadPoolExecutor(threads, thread_name_prefix="make") as pool,
+        ):
+            image_size = size
+            bar = Progress(size, "make", progress)
+            pending: deque[Future[_BatchResult]] = deque()
+            keys: list[np.ndarray] = []
 
-        def collect(future: Future[_BatchResult]) -> None:
-            batch = future.result()
-            writer.append(batch.ends, batch.ids)
-            keys.append(np.ascontiguousarray(batch.ids[:, :8]).view("<u8").reshape(-1))
-            result.chunks += len(batch.ends)
-            result.new_chunks += batch.new_chunks
-            result.new_bytes += batch.new_bytes
-            result.stored_bytes += batch.stored_bytes
-            bar.update(int(batch.ends[-1]) - result.bytes_in)
-            result.bytes_in = int(batch.ends[-1])
+            def collect(future: Future[_BatchResult]) -> None:
+                batch = future.result()
+                writer.append(batch.ends, batch.ids)
+                keys.append(np.ascontiguousarray(batch.ids[:, :8]).view("<u8").reshape(-1))
+                result.chunks += len(batch.ends)
+                result.new_chunks += batch.new_chunks
+                result.new_bytes += batch.new_bytes
+                result.stored_bytes += batch.stored_bytes
+                bar.update(int(batch.ends[-1]) - result.bytes_in)
+                result.bytes_in = int(batch.ends[-1])
 
-        for block in cut_blocks(fd, size, sizes):
-            for lo in range(0, len(block.spans), BATCH_CHUNKS):
-                pending.append(pool.submit(process, block, block.spans[lo : lo + BATCH_CHUNKS]))
-                while len(pending) > 4 * threads:
-                    collect(pending.popleft())
-        while pending:
-            collect(pending.popleft())
-        bar.close()
-        if sync:
-            store.sync()
-        writer.commit()
+            for block in cut_blocks(fd, size, sizes):
+                for lo in range(0, len(block.spans), BATCH_CHUNKS):
+                    pending.append(pool.submit(process, block, block.spans[lo : lo + BATCH_CHUNKS]))
+                    while len(pending) > 4 * threads:
+                        collect(pending.popleft())
+            while pending:
+                collect(pending.popleft())
+            bar.close()
+            if sync:
+                store.sync()
+            writer.commit()
+    except StoreFull as exc:
+        free = exc.free if exc.free is not None else "free space unknown"
+        raise StoreFull(
+            f"store {store.url}: no space left on device (the image is "
+            f"{format_size(image_size)} before compression, this run stored "
+            f"{format_size(result.stored_bytes)}; {free}): free some space or use "
+            "another --store",
+            exc.free,
+        ) from None
     result.unique = len(np.unique(np.concatenate(keys))) if keys else 0
     result.seconds = time.monotonic() - started
     log.info(result.summary(index_path))

@@ -29,6 +29,7 @@ class Output:
     def __init__(self, path: str, size: int, in_place: bool) -> None:
         self.path = path
         self._atomic: AtomicFile | None = None
+        self._closed = False
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -86,13 +87,14 @@ class Output:
         if self._atomic:
             self._atomic.commit()
             return
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
+        os.fsync(self.fd)
+        self._closed = True
+        os.close(self.fd)
 
     def abort(self) -> None:
+        """Give up: a new file's temporary file is removed (in place, the file stays)."""
         if self._atomic:
             self._atomic.abort()
-        else:
+        elif not self._closed:
+            self._closed = True
             os.close(self.fd)

@@ -6,11 +6,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
 from .index import Index
 from .progress import Progress
 from .sizes import format_size
+from .stores import CacheStore
 
 
 @dataclass
@@ -69,4 +72,25 @@ def fill_cache(
             f"{report.failed} of {report.chunks} chunks could not be cached "
             f"(first: {first_error[0]}); run cafuse cache again to resume"
         )
+    _check_all_cached(index, positions, cache, threads)
     return report
+
+
+def _check_all_cached(index: Index, positions: np.ndarray, cache: CacheStore, threads: int) -> None:
+    """Fail when chunks were evicted again (a cache bound smaller than the image), saying
+    how much actually stayed: an offline mount or extract would not find the rest."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="cache-check") as pool:
+        present = list(
+            pool.map(lambda pos: cache.has(index.chunk_id(pos)), positions.tolist(), chunksize=64)
+        )
+    mask = np.array(present, dtype=bool)
+    if mask.all():
+        return
+    sizes = index.sizes[positions]
+    kept, total = int(sizes[mask].sum()), int(sizes.sum())
+    raise CafuseError(
+        f"cache {cache.root}: only {int(mask.sum())} of {len(positions)} chunks "
+        f"({format_size(kept)} of {format_size(total)}) stayed cached: --cache-size "
+        f"{format_size(cache.max_bytes)} is too small for this image (up to "
+        f"{format_size(total)} before compression); raise --cache-size and run again"
+    )

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from .errors import CafuseError
+from .fileio import open_for_reading
 from .index import Index, read_index
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class Seed:
         self.path = path
         self.name = f"seed:{path}"
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_for_reading(path, "seed file", block_device_ok=True)
         except OSError as exc:
             raise CafuseError(f"seed file {path}: cannot open: {exc.strerror}") from None
         size = os.lseek(self._fd, 0, os.SEEK_END)

@@ -26,3 +26,24 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d``: seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise CafuseError(
+            f"bad {what} {text!r}: expected seconds or a number with s, m, h or d (e.g. 30m)"
+        )
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -9,9 +9,11 @@ the parent exits 0 only once the mount is live.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import sys
 import threading
@@ -24,8 +26,47 @@ from .options import MountOptions
 log = logging.getLogger(__name__)
 
 
+def mount_type(path: str) -> str | None:
+    """The file system type mounted at ``path`` (from /proc/self/mountinfo), or None.
+
+    Works on a dead FUSE mount too, where every stat fails with ENOTCONN.
+    """
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    wanted = {absolute, os.path.join(os.path.realpath(parent), name)}
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 9 or "-" not in fields:
+                    continue
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point in wanted:
+                    found = fields[fields.index("-") + 1]  # the last one mounted wins
+    except OSError:
+        return None
+    return found
+
+
+def is_dead_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone: the kernel answers ENOTCONN to everything."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def check_mountpoint(path: str) -> None:
     mp = Path(path)
+    if is_dead_mount(path):
+        kind = mount_type(path) or "FUSE"
+        what = "cafuse" if kind == "fuse.cafuse" else kind
+        raise CafuseError(
+            f"{path} is a dead {what} mount (transport endpoint not connected): run "
+            f"cafuse umount {path}, then mount again"
+        )
     if not mp.exists():
         raise CafuseError(f"mountpoint {path} does not exist: create it with mkdir")
     if not mp.is_dir():
@@ -223,10 +264,15 @@ def umount(mountpoint: str) -> None:
     import shutil
     import subprocess
 
-    if not os.path.ismount(mountpoint):
-        raise CafuseError(f"{mountpoint} is not a mount point")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    if is_dead_mount(mountpoint):
+        # the daemon is gone (killed): nothing can be open on it any more, detach it lazily
+        log.info("%s: daemon gone, lazy unmount", mountpoint)
+        cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    elif not os.path.ismount(mountpoint):
+        raise CafuseError(f"{mountpoint} is not a mount point")
+    else:
+        cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"

@@ -3,9 +3,15 @@ least-recently-used chunks evicted first, shared by every process that uses it.
 
 Chunks are stored as fetched (compressed) and written by link-into-place, so concurrent
 writers never expose partial files. A hit refreshes the file's mtime, which eviction sorts
-by. Eviction runs under an exclusive ``flock`` on ``.cafuse-cache.lock`` and re-measures the
-directory, so several processes sharing the cache keep it within its bound: each one adds
-at most ``max_bytes / 20`` between measurements.
+by.
+
+Every process sharing the cache keeps one small ledger up to date, ``.cafuse-cache.usage``
+(the bytes the cache holds, and the bytes written since the cache was last measured),
+under an exclusive ``flock`` on ``.cafuse-cache.lock``. A write costs a lock and a 16-byte
+read and write; only when the ledger goes over the bound is the directory scanned, and
+then least recently used chunks are evicted down to ``EVICT_TO`` of the bound, so scans
+stay rare (one per fifth of the bound written). A scan also happens after a whole bound's
+worth of writes, which corrects any drift (chunks removed or added by other means).
 """
 
 from __future__ import annotations
@@ -14,16 +20,21 @@ import contextlib
 import fcntl
 import logging
 import os
+import struct
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .base import StoreError
-from .local import LocalStore
+from .local import STALE_TEMP_AGE, LocalStore
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".cafuse-cache.lock"
-EVICT_TO = 0.9  # evict down to this fraction of the bound
+LEDGER_NAME = ".cafuse-cache.usage"
+EVICT_TO = 0.8  # evict down to this fraction of the bound
+_LEDGER = struct.Struct("<2Q")  # usage, bytes written since the last scan
 
 
 class CacheStore(LocalStore):
@@ -31,12 +42,26 @@ class CacheStore(LocalStore):
         super().__init__(root, create=True)
         self.url = f"cache:{self.root}"
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._added_since_scan = 0
-        self._usage: int | None = None
+        self.scans = 0  # directory scans this process did (for tests and logs)
+        self._lock = threading.Lock()  # flock does not exclude threads of one process
+        self._lock_fd = self._open(LOCK_NAME)
+        self._ledger_fd = self._open(LEDGER_NAME)
+
+    def _open(self, name: str) -> int:
+        try:
+            return os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cache {self.root}: cannot open {name}: {exc.strerror}") from None
 
     def get(self, chunk_id: bytes) -> bytes | None:
-        blob = super().get(chunk_id)
+        try:
+            blob = super().get(chunk_id)
+        except StoreError as exc:
+            # a FIFO, device or oversized file in the cache: drop it, the stores refill it
+            log.warning("%s (dropped from the cache)", exc)
+            with contextlib.suppress(OSError):
+                self.delete(chunk_id)
+            return None
         if blob is not None:
             # most recently used; if another process evicted it meanwhile, the bytes are good
             with contextlib.suppress(OSError):
@@ -48,59 +73,97 @@ class CacheStore(LocalStore):
             return False
         written = super().put(chunk_id, blob)
         if written:
-            with self._lock:
-                self._added_since_scan += len(blob)
-                usage = self._usage
-                if (
-                    usage is None
-                    or self._added_since_scan > self.max_bytes // 20
-                    or (usage + self._added_since_scan > self.max_bytes)
-                ):
-                    self._enforce_bound()
+            self._account(len(blob))
         return written
 
+    def delete(self, chunk_id: bytes) -> None:
+        try:
+            size = os.stat(self._name(chunk_id)).st_size
+        except OSError:
+            size = 0
+        super().delete(chunk_id)
+        if size:
+            self._account(-size)
+
     def usage(self) -> int:
+        """Bytes of chunks in the cache, measured."""
         return sum(size for _, size, _ in self._entries())
 
+    def _account(self, delta: int) -> None:
+        """Add ``delta`` bytes to the shared ledger; over the bound, scan and evict."""
+        with self._lock, self._locked():
+            usage, since = self._read_ledger()
+            if usage is None:
+                usage, since = self.usage(), 0
+            usage = max(0, usage + delta)
+            since += max(delta, 0)
+            if usage > self.max_bytes or since > self.max_bytes:
+                usage, since = self._enforce_bound(), 0
+            self._write_ledger(usage, since)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _read_ledger(self) -> tuple[int | None, int]:
+        raw = os.pread(self._ledger_fd, _LEDGER.size, 0)
+        if len(raw) != _LEDGER.size:
+            return None, 0
+        usage, since = _LEDGER.unpack(raw)
+        if usage > 1 << 60:  # garbage: measure again
+            return None, 0
+        return usage, since
+
+    def _write_ledger(self, usage: int, since: int) -> None:
+        try:
+            os.pwrite(self._ledger_fd, _LEDGER.pack(usage, since), 0)
+        except OSError as exc:
+            raise StoreError(
+                f"cache {self.root}: cannot update its ledger: {exc.strerror}"
+            ) from None
+
     def _entries(self) -> list[tuple[Path, int, float]]:
+        """Every cached chunk (path, size, mtime); removes killed writers' temp files."""
+        self.scans += 1
         out = []
+        stale = time.time() - STALE_TEMP_AGE
         with os.scandir(self.root) as top:
             for prefix in top:
                 if len(prefix.name) != 4 or not prefix.is_dir():
                     continue
                 with os.scandir(prefix.path) as files:
                     for entry in files:
-                        if entry.name.endswith(".cacnk") and not entry.name.startswith("."):
-                            try:
-                                st = entry.stat()
-                            except FileNotFoundError:
-                                continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if entry.name.startswith("."):
+                            if entry.name.endswith(".tmp") and st.st_mtime < stale:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(entry.path)
+                        elif entry.name.endswith(".cacnk"):
                             out.append((Path(entry.path), st.st_size, st.st_mtime))
         return out
 
-    def _enforce_bound(self) -> None:
-        """Measure the cache (under the shared lock) and evict least recently used chunks."""
-        try:
-            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cache {self.root}: cannot lock: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            entries = self._entries()
-            total = sum(size for _, size, _ in entries)
-            if total > self.max_bytes:
-                entries.sort(key=lambda e: e[2])
-                target = int(self.max_bytes * EVICT_TO)
-                evicted = 0
-                for path, size, _ in entries:
-                    if total <= target:
-                        break
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                    total -= size
-                    evicted += 1
-                log.info("cache %s: evicted %d chunks, %d bytes left", self.root, evicted, total)
-            self._usage = total
-            self._added_since_scan = 0
-        finally:
-            os.close(fd)  # releases the lock
+    def _enforce_bound(self) -> int:
+        """Measure the cache (under the shared lock), evict least recently used chunks down
+        to ``EVICT_TO`` of the bound if it is over, and return what it holds."""
+        entries = self._entries()
+        total = sum(size for _, size, _ in entries)
+        if total > self.max_bytes:
+            entries.sort(key=lambda e: e[2])
+            target = int(self.max_bytes * EVICT_TO)
+            evicted = 0
+            for path, size, _ in entries:
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                total -= size
+                evicted += 1
+            log.info("cache %s: evicted %d chunks, %d bytes left", self.root, evicted, total)
+        return total

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,6 +91,8 @@ def make(
         remove_stale_temps()
     result = MakeResult()
     started = time.monotonic()
+    storing: set[bytes] = set()  # ids being stored right now, by any thread
+    storing_lock = threading.Lock()
 
     def process(block: Block, spans: list[tuple[int, int]]) -> _BatchResult:
         ids: list[bytes] = []
@@ -99,13 +102,23 @@ def make(
             data = view[offset : offset + length]
             chunk_id = hash_chunk(data)
             ids.append(chunk_id)
-            if reuse(chunk_id):
-                continue
-            blob = compress(data, compression, level)
-            if store.put(chunk_id, blob):
-                new_chunks += 1
-                new_bytes += length
-                stored_bytes += len(blob)
+            # A chunk repeated in the image may be in two threads at once: only one stores
+            # it (an object store's has-then-put is not atomic, so both would upload it).
+            with storing_lock:
+                if chunk_id in storing:
+                    continue
+                storing.add(chunk_id)
+            try:
+                if reuse(chunk_id):
+                    continue
+                blob = compress(data, compression, level)
+                if store.put(chunk_id, blob):
+                    new_chunks += 1
+                    new_bytes += length
+                    stored_bytes += len(blob)
+            finally:
+                with storing_lock:
+                    storing.discard(chunk_id)
         ends = np.array([offset + length for offset, length in spans], dtype=np.uint64)
         ends += np.uint64(block.offset)
         id_array = np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, 32)

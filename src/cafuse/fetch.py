@@ -67,8 +67,9 @@ class ChunkSource:
             members = store.members if isinstance(store, FailoverGroup) else [store]
             self.local_stores += [m for m in members if m.is_local]
             tiers.append([m for m in members if not m.is_local])
-        if chunk_max is not None:
-            for member in (m for tier in tiers for m in tier):
+        if chunk_max is not None:  # no chunk file or response is read past this
+            bounded = [*self.local_stores, *(m for tier in tiers for m in tier)]
+            for member in [*bounded, *([cache] if cache is not None else [])]:
                 member.max_blob_size = max_stored_size(chunk_max)  # type: ignore[attr-defined]
         self.router = RemoteRouter(tiers, self.policy)
         self._kept: tuple[bytes, bytes, bytes, str] | None = None  # the start-up probe's

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..atomic import free_space
 from ..fileio import describe_file_type
 from ..sizes import format_size
-from .base import ChunkStore, StoreError, chunk_path
+from .base import ChunkStore, CorruptChunkError, StoreError, chunk_path
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ STALE_TEMP_AGE = 3600.0  # seconds: an older temporary file was left by a killed
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CorruptChunk(StoreError):
-    """A chunk file that cannot hold a chunk (larger than any chunk can be)."""
+CorruptChunk = CorruptChunkError  # a chunk file that cannot hold a chunk (too large)
 
 
 class StoreFull(StoreError):

@@ -11,10 +11,10 @@ queue*, ordered by class, then age:
 ``remote_slots`` worker tasks serve the queue, each one chunk at a time in a thread; a
 few of them (``reserved``) take on-demand chunks only, so readahead can never fill every
 slot and make a read wait. A queued flight that a read now needs is promoted to on-demand.
-Background classes are admitted only while the queue holds fewer than ``queue_limit`` of
-them, so memory in flight stays bounded. The deadline belongs to the chunk: it starts when
-the flight is created (or promoted, if it has not started) and bounds every store and
-retry of it.
+Background classes are admitted only while fewer than ``queue_limit`` of them wait (in the
+local stage or the queue), so memory in flight stays bounded. The deadline belongs to the
+chunk: it starts when the flight is created (or promoted, if it has not started) and bounds
+every store and retry of it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,17 @@ QUEUED, LOCAL, REMOTE, DONE = "queued", "local", "remote", "done"
 class Flight:
     """One fetch of one chunk id, awaited by every read that needs it."""
 
-    __slots__ = ("chunk_id", "data", "deadline", "done", "error", "priority", "size", "state")
+    __slots__ = (
+        "chunk_id",
+        "counted",
+        "data",
+        "deadline",
+        "done",
+        "error",
+        "priority",
+        "size",
+        "state",
+    )
 
     def __init__(self, chunk_id: bytes, size: int, priority: Priority, deadline: float) -> None:
         self.chunk_id = chunk_id
@@ -59,6 +69,7 @@ class Flight:
         self.priority = priority
         self.deadline = deadline
         self.state = LOCAL
+        self.counted = False  # towards the bound of background chunks not yet fetching
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: Exception | None = None
@@ -101,6 +112,7 @@ class FetchScheduler:
         self._heap: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
         self._queued = dict.fromkeys(Priority, 0)
+        self._background_waiting = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._closed: str | None = None
@@ -155,11 +167,15 @@ class FetchScheduler:
                 flight.done.set()
                 out.append(flight)
                 continue
-            if priority != Priority.ON_DEMAND and self._background_queued() >= self.queue_limit:
+            background = priority != Priority.ON_DEMAND
+            if background and self._background_waiting >= self.queue_limit:
                 self.rejected += 1
                 out.append(None)
                 continue
             flight = Flight(chunk_id, size, priority, self.clock() + self.timeout)
+            if background:
+                flight.counted = True
+                self._background_waiting += 1
             self._flights[chunk_id] = flight
             new.append(flight)
             out.append(flight)
@@ -167,10 +183,14 @@ class FetchScheduler:
             self._nursery.start_soon(self._local_stage, new[k : k + self.local_batch])
         return out
 
-    def _background_queued(self) -> int:
-        return sum(n for p, n in self._queued.items() if p != Priority.ON_DEMAND)
+    def _uncount(self, flight: Flight) -> None:
+        if flight.counted:
+            flight.counted = False
+            self._background_waiting -= 1
 
     def _promote(self, flight: Flight, priority: Priority) -> None:
+        if priority == Priority.ON_DEMAND:
+            self._uncount(flight)
         if flight.state == QUEUED:
             self._queued[flight.priority] -= 1
             self._queued[priority] += 1
@@ -236,6 +256,7 @@ class FetchScheduler:
                 return None
             heapq.heappop(heap)
             self._queued[priority] -= 1
+            self._uncount(flight)
             flight.state = REMOTE
             return flight
         return None
@@ -277,6 +298,7 @@ class FetchScheduler:
             return
         if flight.state == QUEUED:
             self._queued[flight.priority] -= 1
+        self._uncount(flight)
         if data is not None:
             self.deliver(flight.chunk_id, data)
         else:
@@ -295,6 +317,7 @@ class FetchScheduler:
             "fetching": {names[p]: n for p, n in self.active_remote.items()},
             "fetched": {names[p]: n for p, n in self.fetched.items()},
             "pending": len(self._flights),
+            "background_waiting": self._background_waiting,
             "rejected": self.rejected,
             "failed": self.failed,
             "remote_slots": self.remote_slots,

@@ -260,15 +260,29 @@ class FakeSource:
         self.started: list[bytes] = []
         self.deadlines: dict[bytes, float] = {}
         self.lock = threading.Lock()
+        self.stall_first = False
+        self.cancelled: list[bytes] = []
+        self.p95: float | None = None
+        self.router = self  # the scheduler asks the router for the stores' latency
+
+    def typical_p95(self) -> float | None:
+        return self.p95
 
     def get_local(self, chunk_id: bytes, size: int) -> tuple[bytes, str] | None:
         return (b"L" * size, "local") if chunk_id in self.local else None
 
-    def get_remote(self, chunk_id: bytes, size: int, deadline: float) -> tuple[bytes, str]:
+    def get_remote(
+        self, chunk_id: bytes, size: int, deadline: float, cancel: threading.Event | None = None
+    ) -> tuple[bytes, str]:
         with self.lock:
             self.started.append(chunk_id)
             self.deadlines[chunk_id] = deadline
             gate = self.gates[chunk_id]
+            stall = self.stall_first and self.started.count(chunk_id) == 1
+        if stall:  # a request that never answers, until the fetch is called off
+            assert cancel is not None and cancel.wait(10)
+            self.cancelled.append(chunk_id)
+            raise ChunkUnavailable(chunk_id, [])
         if not gate.wait(10):
             raise AssertionError("test never released " + chunk_id.decode())
         return b"R" * size, "remote"
@@ -435,3 +449,39 @@ def test_the_deadline_belongs_to_the_chunk() -> None:
 
 def run_scheduler_sync(source: FakeSource, test, **kwargs) -> dict[bytes, bytes]:
     return trio.run(functools.partial(run_scheduler, source, test, **kwargs))
+
+
+def test_a_read_stuck_on_a_stalled_request_is_rescued_by_a_hedge() -> None:
+    source = FakeSource()
+    source.stall_first, source.p95 = True, 0.005
+    source.release(b"d")
+
+    async def test(s: FetchScheduler) -> None:
+        (read,) = s.request([(b"d", 10)], Priority.ON_DEMAND)
+        assert read is not None
+        with trio.fail_after(5):
+            assert await read.wait() == b"R" * 10
+        assert source.started == [b"d", b"d"]
+        await until(lambda: source.cancelled == [b"d"])  # the stalled one was called off
+        snap = s.snapshot()
+        assert snap["hedged"] == 1 and snap["hedge_won"] == 1
+
+    run_scheduler_sync(source, test)
+
+
+def test_readahead_is_not_hedged_until_a_read_waits() -> None:
+    source = FakeSource()
+    source.stall_first, source.p95 = True, 0.005
+    source.release(b"r")
+
+    async def test(s: FetchScheduler) -> None:
+        (ahead,) = s.request([(b"r", 10)], Priority.READAHEAD)
+        await trio.sleep(0.2)
+        assert source.started == [b"r"]  # nobody waits: no second request
+        s.request([(b"r", 10)], Priority.ON_DEMAND)
+        assert ahead is not None
+        with trio.fail_after(5):
+            await ahead.wait()
+        assert source.started == [b"r", b"r"]
+
+    run_scheduler_sync(source, test)

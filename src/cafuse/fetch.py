@@ -12,6 +12,7 @@ Blocking: call from worker threads.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -123,6 +124,7 @@ class ChunkSource:
         failures: list[Failure] | None = None,
         *,
         keep: bool = False,
+        cancel: threading.Event | None = None,
     ) -> tuple[bytes, str]:
         """From the remote stores, by ``deadline``, or ChunkUnavailable. With ``keep`` the
         chunk is held for the next ``get`` of it, which files it in the cache (the start-up
@@ -134,10 +136,11 @@ class ChunkSource:
         started = time.monotonic()
         try:
             data, blob, store = self.router.fetch(
-                chunk_id, deadline, lambda blob: decode(blob, chunk_id, size, self.hash)
+                chunk_id, deadline, lambda blob: decode(blob, chunk_id, size, self.hash), cancel
             )
         except ChunkUnavailable as exc:
-            self.stats.error("unavailable")
+            if "cancelled" not in exc.kinds:
+                self.stats.error("unavailable")
             raise ChunkUnavailable(chunk_id, failures + exc.failures) from None
         self.stats.latency(time.monotonic() - started)
         self.stats.add(store.url, size, len(blob))

@@ -10,7 +10,10 @@ queue*, ordered by class, then age:
 
 ``remote_slots`` worker tasks serve the queue, each one chunk at a time in a thread; a
 few of them (``reserved``) take on-demand chunks only, so readahead can never fill every
-slot and make a read wait. A queued flight that a read now needs is promoted to on-demand.
+slot and make a read wait. A request a read waits for that has not been answered within a
+few times the stores' p95 latency gets a twin (a hedged request, on its own connection);
+the first good copy wins and the other stops after its request under way. A queued flight
+that a read now needs is promoted to on-demand.
 Background classes are admitted only while fewer than ``queue_limit`` of them wait (in the
 local stage or the queue), so memory in flight stays bounded. The deadline belongs to the
 chunk: it starts when the flight is created (or promoted, if it has not started) and bounds
@@ -19,9 +22,11 @@ every store and retry of it.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from enum import IntEnum
@@ -32,6 +37,11 @@ from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
 
 log = logging.getLogger(__name__)
+
+
+HEDGE_FACTOR = 3.0  # a read's request unanswered after 3x the p95 latency gets a twin
+HEDGE_MIN = 0.05
+HEDGE_SLOTS = 4
 
 
 class Priority(IntEnum):
@@ -59,6 +69,7 @@ class Flight:
         "done",
         "error",
         "priority",
+        "promoted",
         "size",
         "state",
     )
@@ -71,6 +82,9 @@ class Flight:
         self.state = LOCAL
         self.counted = False  # towards the bound of background chunks not yet fetching
         self.done = trio.Event()
+        self.promoted = trio.Event()  # set once a read waits for it
+        if priority == Priority.ON_DEMAND:
+            self.promoted.set()
         self.data: bytes | None = None
         self.error: Exception | None = None
 
@@ -95,8 +109,15 @@ class FetchScheduler:
         queue_limit: int = 512,
         timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        hedge: bool = True,
     ) -> None:
         self.source = source
+        self.hedge = hedge and source.has_remote
+        self._hedge_after: float | None = None
+        self._since_hedge_refresh = 0
+        self._hedge_limiter = trio.CapacityLimiter(HEDGE_SLOTS)
+        self.hedged = 0
+        self.hedge_won = 0
         self.deliver = deliver
         self.remote_slots = max(1, remote_slots)
         self.reserved = min(
@@ -191,6 +212,7 @@ class FetchScheduler:
     def _promote(self, flight: Flight, priority: Priority) -> None:
         if priority == Priority.ON_DEMAND:
             self._uncount(flight)
+            flight.promoted.set()
         if flight.state == QUEUED:
             self._queued[flight.priority] -= 1
             self._queued[priority] += 1
@@ -270,26 +292,79 @@ class FetchScheduler:
             await self._fetch_remote(flight)
 
     async def _fetch_remote(self, flight: Flight) -> None:
+        """Fetch in a worker thread; if a read waits and no answer came within the hedge
+        delay, a second request races the first, and the first good copy wins."""
         priority = flight.priority
         self.active_remote[priority] += 1
-        data, error = None, None
+        send, receive = trio.open_memory_channel[tuple[int, bytes | None, Exception | None]](2)
+        cancels: list[threading.Event] = []
+        data: bytes | None = None
+        error: Exception | None = None
+
+        async def attempt(which: int, limiter: trio.CapacityLimiter) -> None:
+            cancel = threading.Event()
+            cancels.append(cancel)
+            try:
+                found, _ = await trio.to_thread.run_sync(
+                    functools.partial(
+                        self.source.get_remote,
+                        flight.chunk_id,
+                        flight.size,
+                        flight.deadline,
+                        cancel=cancel,
+                    ),
+                    limiter=limiter,
+                    abandon_on_cancel=True,
+                )
+                send.send_nowait((which, found, None))
+            except Exception as exc:
+                send.send_nowait((which, None, exc))
+
+        async def hedge() -> None:
+            delay = self._hedge_delay()
+            if delay is None:
+                return
+            await trio.sleep(delay)
+            await flight.promoted.wait()
+            self.hedged += 1
+            await attempt(1, self._hedge_limiter)
+
         try:
-            data, _ = await trio.to_thread.run_sync(
-                self.source.get_remote,
-                flight.chunk_id,
-                flight.size,
-                flight.deadline,
-                limiter=self._remote_limiter,
-                abandon_on_cancel=True,
-            )
-            self.fetched[priority] += 1
-        except Exception as exc:
-            error = exc
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt, 0, self._remote_limiter)
+                nursery.start_soon(hedge)
+                answers = 0
+                while True:
+                    which, found, failed = await receive.receive()
+                    answers += 1
+                    if found is not None:
+                        data = found
+                        self.hedge_won += which
+                        break
+                    error = error or failed
+                    if answers >= len(cancels):  # every request made has failed
+                        break
+                nursery.cancel_scope.cancel()
+            self.fetched[priority] += int(data is not None)
         finally:
+            for cancel in cancels:
+                cancel.set()
             self.active_remote[priority] -= 1
             if data is None and error is None:  # cancelled at shutdown
                 error = ShuttingDown("the mount is shutting down")
             self._finish(flight, data, error)
+
+    def _hedge_delay(self) -> float | None:
+        """A few times the stores' p95 latency, refreshed every 64 fetches; None (no
+        hedging) until there are enough samples or when hedging is off."""
+        if not self.hedge:
+            return None
+        self._since_hedge_refresh += 1
+        if self._since_hedge_refresh >= 64 or self._hedge_after is None:
+            self._since_hedge_refresh = 0
+            p95 = self.source.router.typical_p95()
+            self._hedge_after = None if p95 is None else max(HEDGE_MIN, HEDGE_FACTOR * p95)
+        return self._hedge_after
 
     # ------------------------------------------------------------------ results
 
@@ -319,6 +394,11 @@ class FetchScheduler:
             "pending": len(self._flights),
             "background_waiting": self._background_waiting,
             "rejected": self.rejected,
+            "hedged": self.hedged,
+            "hedge_won": self.hedge_won,
+            "hedge_delay_ms": None
+            if self._hedge_after is None
+            else round(self._hedge_after * 1000, 1),
             "failed": self.failed,
             "remote_slots": self.remote_slots,
             "reserved_for_reads": self.reserved,

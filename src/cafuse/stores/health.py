@@ -141,6 +141,12 @@ class StoreHealth:
 
     # ------------------------------------------------------------------ stats
 
+    def p95(self, min_samples: int = 32) -> float | None:
+        with self._lock:
+            if len(self._latencies) < min_samples:
+                return None
+            return float(np.percentile(np.array(self._latencies, dtype=float), 95))
+
     def snapshot(self) -> dict[str, object]:
         with self._lock:
             lat = np.array(self._latencies, dtype=float)

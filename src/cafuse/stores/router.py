@@ -21,6 +21,7 @@ Blocking: call from worker threads. ``clock`` and ``sleep`` are injectable for t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -60,15 +61,23 @@ class RemoteRouter:
         return self.health[id(store)]
 
     def fetch(
-        self, chunk_id: bytes, deadline: float, decode: Decode
+        self,
+        chunk_id: bytes,
+        deadline: float,
+        decode: Decode,
+        cancel: threading.Event | None = None,
     ) -> tuple[bytes, bytes, ChunkStore]:
-        """(data, stored bytes, store) of a verified copy, or ChunkUnavailable."""
+        """(data, stored bytes, store) of a verified copy, or ChunkUnavailable. Setting
+        ``cancel`` stops the fetch after the request under way (a hedge lost the race)."""
         failures: list[Failure] = []
         done: set[int] = set()  # stores out of the running for this chunk
         retry = 0
         while True:
             attempted, throttled = False, None
             for store in self._candidates(done):
+                if cancel is not None and cancel.is_set():
+                    failures.append(Failure("", "cancelled", "fetched by another request"))
+                    raise ChunkUnavailable(chunk_id, failures)
                 health = self.health_of(store)
                 if not health.acquire():
                     continue
@@ -107,7 +116,10 @@ class RemoteRouter:
                     failures.append(_resting(remaining, self))
             if now + pause >= deadline:
                 break
-            self.sleep(pause)
+            if cancel is not None:
+                cancel.wait(pause)
+            else:
+                self.sleep(pause)
         failures.append(
             Failure("", "deadline", f"gave up after {self.policy.timeout:g} s (--timeout)")
         )
@@ -166,6 +178,11 @@ class RemoteRouter:
             return "corrupt"
         health.success(self.clock() - started, len(blob))
         return data, blob, store
+
+    def typical_p95(self) -> float | None:
+        """The best p95 latency among the stores with enough samples, or None."""
+        values = [p for p in (self.health_of(s).p95() for s in self.stores) if p is not None]
+        return min(values) if values else None
 
     def snapshot(self) -> dict[str, object]:
         return {store.url: self.health_of(store).snapshot() for store in self.stores}

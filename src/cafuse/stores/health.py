@@ -2,11 +2,11 @@
 breaker, a "slow down" pause, latency, and the counters ``cafuse stats`` shows.
 
 Breaker: *closed* (requests flow) -> *open* after ``FAILURES_TO_OPEN`` consecutive failures
-(requests skip the store) -> after a cool-down, *half-open*: one trial request; success
-closes it, failure opens it again with the cool-down doubled (up to ``MAX_COOLDOWN``). A
-dead store so costs about one request timeout per cool-down, not one per chunk, and a store
-that comes back is used again by itself. A store that answers "slow down" is alive: that
-is no breaker failure, the chunk backs off instead.
+with no answer for ``silence`` seconds (requests skip the store) -> after a cool-down,
+*half-open*: one trial request; success closes it, failure opens it again with the
+cool-down doubled (up to ``MAX_COOLDOWN``). A dead store so costs about one request timeout
+per cool-down, not one per chunk, and a store that comes back is used again by itself. A
+store that answers "slow down" is alive: that is no breaker failure, the chunk backs off instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-FAILURES_TO_OPEN = 5  # in a row: 20% random failures do this once in ~3000 requests
+FAILURES_TO_OPEN = 5  # in a row, and no answer for ``silence`` seconds: a flaky store that
+# still answers, or whose requests all hit stalls shorter than a request timeout, is alive
 BASE_COOLDOWN = 2.0
 MAX_COOLDOWN = 60.0
 LATENCY_SAMPLES = 2048
@@ -28,12 +29,16 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
 class StoreHealth:
-    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, url: str, clock: Callable[[], float] = time.monotonic, silence: float = 1.0
+    ) -> None:
         self.url = url
         self.clock = clock
+        self.silence = silence
         self._lock = threading.Lock()
         self.state = CLOSED
         self.consecutive_failures = 0
+        self.last_answer = float("-inf")
         self.cooldown = BASE_COOLDOWN
         self.open_until = 0.0
         self._trial_in_flight = False
@@ -107,7 +112,11 @@ class StoreHealth:
             if self.state == HALF_OPEN:
                 self._trial_in_flight = False
                 self._open(now, self.cooldown * 2)
-            elif self.state == CLOSED and self.consecutive_failures >= FAILURES_TO_OPEN:
+            elif (
+                self.state == CLOSED
+                and self.consecutive_failures >= FAILURES_TO_OPEN
+                and now - self.last_answer >= self.silence
+            ):
                 self._open(now, BASE_COOLDOWN)
 
     def throttled(self) -> None:
@@ -128,6 +137,7 @@ class StoreHealth:
             self.retries += 1
 
     def _answered(self) -> None:
+        self.last_answer = self.clock()
         self.consecutive_failures = 0
         self.state = CLOSED
         self.cooldown = BASE_COOLDOWN

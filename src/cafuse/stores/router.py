@@ -51,7 +51,10 @@ class RemoteRouter:
         self.clock = clock
         self.sleep = sleep
         self.stores = [store for tier in self.tiers for store in tier]
-        self.health = {id(store): StoreHealth(store.url, clock) for store in self.stores}
+        # dead means: no answer for half a request timeout (a stall shorter than that, as
+        # a congested link makes, is no reason to give up on a store)
+        silence = self.policy.attempt_timeout(self.policy.timeout) / 2
+        self.health = {id(store): StoreHealth(store.url, clock, silence) for store in self.stores}
         self._throttles: dict[int, ThrottledStoreError] = {}
 
     def __bool__(self) -> bool:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from helpers import assert_user_error, run_cafuse, sha256_file
-from mounting import mounted
+from mounting import mounted, unmount
 from servers import Faults, dark_listener, faulty_server
 
 from cafuse.index import read_index
@@ -226,3 +228,63 @@ def test_stalled_server_fails_in_bounded_time(made_image, tmp_path: Path) -> Non
             stats = json.loads(run_cafuse("stats", mnt, "--json").stdout)
             assert stats["reads"]["failed"] >= 1
             assert os.path.ismount(mnt)
+
+
+def test_sigterm_does_not_wait_for_a_stalled_fetch(made_image, tmp_path: Path) -> None:
+    """A read stuck on a stalled store must not hold up shutdown: SIGTERM fails it with
+    EIO and the daemon unmounts at once, not after the chunk's deadline."""
+    index, store = made_image
+    faults = Faults(rate=1.0, kinds=("stall",), stall_seconds=300, methods=("GET",), spare=1)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with faulty_server(store, faults) as url:
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cafuse",
+                "mount",
+                "-f",
+                str(index),
+                str(mnt),
+                "--store",
+                url,
+                "--timeout",
+                "600",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.ismount(mnt):
+                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+                assert time.monotonic() < deadline, "mount did not appear"
+                time.sleep(0.05)
+            (name,) = os.listdir(mnt)
+            offset = int(read_index(index).ends[40])
+            reader = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import os; fd = os.open({str(mnt / name)!r}, os.O_RDONLY)\n"
+                    f"try: os.pread(fd, 4096, {offset})\n"
+                    "except OSError as e: print(e.errno)",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            while not any("/" in path and ".cacnk" in path for path in faults.requests[1:]):
+                assert time.monotonic() < deadline, "the read never reached the store"
+                time.sleep(0.05)
+            daemon.send_signal(signal.SIGTERM)
+            # a stalled request lasts 200 s here (a third of --timeout): well past the guard
+            assert daemon.wait(timeout=HANG_GUARD / 6) == 0
+            out, _ = reader.communicate(timeout=30)
+            assert out.strip() in (str(errno.EIO), str(errno.ENOTCONN))
+            assert not os.path.ismount(mnt)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            unmount(mnt)

@@ -160,7 +160,7 @@ def add_mount_commands(
         "--concurrency",
         type=int,
         metavar="N",
-        help="chunk fetches in flight for readahead (default 16)",
+        help="remote chunk fetches in flight; a quarter serve reads only (default 16)",
     )
     p.add_argument("--name", help="file name inside the mount (default: index name)")
     p.add_argument(

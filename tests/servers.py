@@ -232,7 +232,8 @@ class SeaweedFS:
 @dataclass
 class Faults:
     """What the faulty server does to each request: with probability ``rate`` one of
-    ``kinds`` (500, 429, 403, reset, stall, truncate, wrong), decided by a seeded generator.
+    ``kinds`` (500, 429, 403, reset, stall, truncate, wrong, huge), decided by a seeded
+    generator.
     ``get_only`` answers HEAD with 501, as many static hosts and CDNs do; the first
     ``spare`` requests are served faithfully."""
 
@@ -306,6 +307,14 @@ class _FaultyHandler(http.server.BaseHTTPRequestHandler):
         body = path.read_bytes()
         if fault == "wrong":
             body = bytes(b ^ 0x5A for b in body)
+        if fault == "huge":  # claims 100 GiB, sends a little, then hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", str(100 << 30))
+            self.end_headers()
+            self.wfile.write(body[:1000])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if fault == "truncate":
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))

@@ -288,3 +288,53 @@ def test_sigterm_does_not_wait_for_a_stalled_fetch(made_image, tmp_path: Path) -
                 daemon.kill()
                 daemon.wait()
             unmount(mnt)
+
+
+def test_a_server_claiming_a_huge_body_is_refused_before_reading_it(
+    made_image, tmp_path: Path
+) -> None:
+    """Content-Length: 100 GiB for a chunk or an index: refused by its declared length (no
+    allocation, no crash), one line; the daemon survives and fails only that read."""
+    index, store = made_image
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "image.caibx").write_bytes(index.read_bytes())
+    liar = Faults(rate=1.0, kinds=("huge",), methods=("GET",))
+    with faulty_server(www, liar) as url:
+        proc = run_cafuse("info", f"{url}/image.caibx", check=False, timeout=HANG_GUARD)
+        assert proc.returncode == 1, proc.stderr
+        assert_user_error(proc, "cannot fetch index", "announces", "more than an index")
+    with faulty_server(store, liar) as url:
+        proc = run_cafuse(
+            "extract",
+            index,
+            tmp_path / "o",
+            "--store",
+            url,
+            "--timeout",
+            "3",
+            check=False,
+            timeout=HANG_GUARD,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert_user_error(proc, "announces", "more than a chunk can be")
+    liar_later = Faults(rate=1.0, kinds=("huge",), methods=("GET",), spare=1)
+    with faulty_server(store, liar_later) as url:
+        mnt = tmp_path / "mnt"
+        with mounted(index, mnt, "--store", url, "--timeout", "3") as blob:
+            offset = int(read_index(index).ends[40])
+            reader = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import os; fd = os.open({str(blob)!r}, os.O_RDONLY)\n"
+                    f"try: os.pread(fd, 4096, {offset})\n"
+                    "except OSError as e: print(e.errno)",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=HANG_GUARD,
+            )
+            assert reader.stdout.strip() == str(errno.EIO)
+            stats = json.loads(run_cafuse("stats", mnt, "--json").stdout)
+            assert stats["stores"][url]["errors"].get("corrupt", 0) >= 1

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_user_error, run_cafuse, sha256_file
+from helpers import assert_user_error, random_bytes, run_cafuse, sha256_file
 from mounting import mounted
 from servers import S3_SECRET, Nginx, SeaweedFS, free_port, nginx_serving
 
@@ -479,3 +481,192 @@ def test_many_chunks_in_flight(www: Path, nginx: Nginx, ext4_image: Path, tmp_pa
     gets = [line for line in lines if '"GET ' in line and ".cacnk" in line]
     wanted = len(index.distinct_positions()) - (1 if index.zero_mask.any() else 0)
     assert len(gets) == wanted
+
+
+# ---------------------------------------------------------------- gc on an object store
+
+
+def _s3_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and endpoint for stores opened in this process."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.setenv(key, seaweed.env()[key])
+
+
+def _make_in_process(index: Path, data: bytes, store, threads: int = 2):
+    from cafuse.chunker import ChunkSizes
+    from cafuse.make import make
+
+    image = index.with_suffix(".img")
+    image.write_bytes(data)
+    sizes = ChunkSizes.parse("16K")
+    return make(str(index), str(image), store, sizes=sizes, threads=threads, progress=False)
+
+
+def _ages(store) -> dict[bytes, float]:
+    return dict(store.iter_ages())
+
+
+def test_s3_gc_spares_young_chunks_and_refuses_a_short_grace(
+    seaweed: SeaweedFS, tmp_path: Path
+) -> None:
+    env = seaweed.env()
+    store = "s3://cafuse-gc/grace/store"
+    keep, drop = tmp_path / "keep.caibx", tmp_path / "drop.caibx"
+    for index, seed in ((keep, 31), (drop, 32)):
+        image = index.with_suffix(".img")
+        image.write_bytes(random_bytes(300_000, seed=seed))
+        run_cafuse("make", index, image, "--store", store, "--chunk-size", "16K", env=env)
+    dropped = len(read_index(drop).distinct_positions())
+    # a make may be reusing the unreferenced chunks right now: the default grace spares them
+    out = run_cafuse("gc", store, keep, env=env).stdout
+    assert f"deleted 0; spared {dropped} unreferenced chunks younger than 1h" in out
+    assert "0 missing" in run_cafuse("verify", drop, "--store", store, env=env).stdout
+    # make refreshes a reused chunk only once it is 10 minutes old: a shorter grace is unsafe
+    assert_user_error(
+        run_cafuse("gc", store, keep, "--grace", "15m", env=env, check=False),
+        "--grace 15m is too short",
+        "at least 20m",
+    )
+    assert "would delete 0" in run_cafuse("gc", store, keep, "-n", "--grace", "1m", env=env).stdout
+    out = run_cafuse("gc", store, keep, "--grace", "0", env=env).stdout
+    assert f"deleted {dropped}" in out
+    assert "0 missing, 0 corrupt" in run_cafuse("verify", keep, "--store", store, env=env).stdout
+    gone = run_cafuse("verify", drop, "--store", store, env=env, check=False)
+    assert f"{dropped} missing" in gone.stdout + gone.stderr
+
+
+def test_s3_touch_put_and_delete_if_older(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cafuse.stores import ChunkStore, FailoverGroup, LocalStore, open_store
+    from cafuse.stores import objectstore as objectstore_module
+
+    _s3_env(seaweed, monkeypatch)
+    store = open_store("s3://cafuse-gc/unit/store", writable=True)
+    chunk_id, other = b"\x01" * 32, b"\x02" * 32
+    assert not store.touch(chunk_id)  # missing: make must write it
+    assert store.put(chunk_id, b"blob")  # new
+    assert not store.put(chunk_id, b"blob")  # fresh copy there: nothing uploaded
+    written = _ages(store)[chunk_id]
+    assert abs(written - time.time()) < 60
+    assert store.touch(chunk_id)  # younger than TOUCH_AGE: counts as recently used
+    time.sleep(1.1)  # Last-Modified has whole seconds
+    assert store.touch(chunk_id) and _ages(store)[chunk_id] == written  # no request but HEAD
+    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 0.0)
+    assert not store.touch(chunk_id)  # too old to count: make uploads it again ...
+    assert not store.put(chunk_id, b"blob")  # ... which is not a new chunk
+    assert _ages(store)[chunk_id] > written  # but a fresh last-modified time
+    assert not store.put(chunk_id, b"blob")  # put alone refreshes an old copy too
+    assert store.put(other, b"other")  # and reports a missing one as new
+    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 600.0)
+    # delete_if_older: only what was last modified before the cutoff goes
+    assert not store.delete_if_older(chunk_id, time.time() - 3600)
+    assert store.has(chunk_id)
+    assert store.delete_if_older(chunk_id, time.time() + 5)
+    assert not store.has(chunk_id)
+    assert not store.delete_if_older(chunk_id, time.time() + 5)  # already gone
+    # a failover group offers its first member's ages, touch and delete_if_older
+    group = open_store(f"s3://cafuse-gc/unit/store|{tmp_path / 'local'}", writable=True)
+    assert isinstance(group, FailoverGroup)
+    assert group.touch(other) and other in dict(group.iter_ages())
+    assert group.touch_age == 600.0
+    assert group.delete_if_older(other, time.time() + 5) and not store.has(other)
+    assert not hasattr(FailoverGroup([LocalStore(tmp_path / "l", create=True)]), "touch_age")
+
+    class Bare(ChunkStore):  # no ages, no touch: a group of it offers none either
+        url = "bare"
+
+        def get(self, chunk_id: bytes) -> bytes | None:
+            return None
+
+        def has(self, chunk_id: bytes) -> bool:
+            return False
+
+    bare_first = FailoverGroup([Bare(), store])
+    for name in ("iter_ages", "touch", "delete_if_older", "touch_age"):
+        assert getattr(bare_first, name, None) is None, name
+
+
+def test_s3_make_uploads_old_reused_chunks_again(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make refreshes a reused chunk older than TOUCH_AGE by uploading it again, and still
+    counts no chunk as new; a younger one is left as it is."""
+    from cafuse.stores import objectstore as objectstore_module
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    store = open_store("s3://cafuse-gc/remake/store", writable=True)
+    data = random_bytes(400_000, seed=33)
+    first = _make_in_process(tmp_path / "a.caibx", data, store)
+    assert first.new_chunks == len(read_index(tmp_path / "a.caibx").distinct_positions())
+    before = _ages(store)
+    time.sleep(1.1)  # Last-Modified has whole seconds
+    again = _make_in_process(tmp_path / "b.caibx", data, store)
+    assert again.new_chunks == 0 and _ages(store) == before  # young: nothing uploaded
+    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 0.0)
+    remade = _make_in_process(tmp_path / "c.caibx", data, store)
+    assert remade.new_chunks == 0 and remade.stored_bytes == 0
+    after = _ages(store)
+    assert after.keys() == before.keys()
+    assert all(after[chunk_id] > before[chunk_id] for chunk_id in before)
+
+
+def test_s3_gc_beside_make_never_deletes_what_the_new_index_needs(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make of a new image and gc (given only the old index) at once on one bucket, time
+    scaled down (TOUCH_AGE 1 s, grace 6 s): the new index is complete. The new image begins
+    with unreferenced chunks older than the grace, the very ones gc is after; gc starts
+    once make has gone past them, and runs until make is done."""
+    from cafuse.maintenance import collect_garbage, verify_store
+    from cafuse.stores import objectstore as objectstore_module
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 1.0)
+    grace = 6.0
+    url = "s3://cafuse-gc/race/store"
+    make_store, gc_store = open_store(url, writable=True), open_store(url)  # two "processes"
+    old = tmp_path / "old.caibx"
+    _make_in_process(old, random_bytes(1 << 20, seed=21), make_store)
+    stale = random_bytes(4 << 20, seed=22)
+    _make_in_process(tmp_path / "stale.caibx", stale, make_store)
+    _make_in_process(tmp_path / "garbage.caibx", random_bytes(1 << 20, seed=24), make_store)
+    time.sleep(grace + 1.5)  # now all of them are older than the grace
+    new_chunk_written = threading.Event()
+    put = make_store.put
+
+    def put_and_tell(chunk_id: bytes, blob: bytes) -> bool:
+        new = put(chunk_id, blob)
+        if new:
+            new_chunk_written.set()  # make is past the reused chunks
+        return new
+
+    monkeypatch.setattr(make_store, "put", put_and_tell)
+    made = threading.Event()
+    reports = []
+    errors: list[BaseException] = []
+
+    def gc_loop() -> None:
+        try:
+            new_chunk_written.wait(60)
+            while not made.is_set() or not reports:
+                reports.append(collect_garbage(gc_store, [read_index(old)], grace=grace))
+        except BaseException as exc:
+            errors.append(exc)
+
+    gc_thread = threading.Thread(target=gc_loop)
+    gc_thread.start()
+    new = tmp_path / "new.caibx"
+    try:
+        _make_in_process(new, stale + random_bytes(8 << 20, seed=23), make_store)
+    finally:
+        made.set()
+        new_chunk_written.set()
+        gc_thread.join(120)
+    assert not errors, errors
+    assert sum(r.deleted for r in reports) > 0  # gc did delete (the garbage) meanwhile
+    report = verify_store(read_index(new), gc_store, progress=False)
+    assert not report.missing and not report.corrupt
+    assert not verify_store(read_index(old), gc_store, progress=False).missing

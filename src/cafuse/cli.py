@@ -418,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete the chunks of STORE that no given INDEX references and that are "
         "older than --grace. Safe beside a make writing to the same store: make refreshes "
         "the mtime of every chunk it reuses and writes new ones with a fresh mtime, so a "
-        "chunk a running make needs is never older than the grace period. Also removes "
-        "temporary files that killed writers left (older than an hour).",
+        "chunk a running make needs is never older than the grace period (in an object "
+        "store make uploads again a reused chunk older than 10 minutes, so there the grace "
+        "must be at least 20m). Also removes temporary files that killed writers left "
+        "(older than an hour).",
     )
     p.add_argument("store", metavar="STORE")
     p.add_argument("indexes", metavar="INDEX", nargs="+")
@@ -429,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="1h",
         metavar="DURATION",
         help="spare unreferenced chunks written or reused less than this long ago: longer "
-        "than any make takes (seconds, or 30m, 2h, 1d; default: %(default)s). 0 is safe "
-        "only when nothing writes to the store",
+        "than any make takes, and at least 20m on S3, GCS or Azure (seconds, or 30m, 2h, "
+        "1d; default: %(default)s). 0 is safe only when nothing writes to the store",
     )
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_gc)

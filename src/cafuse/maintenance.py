@@ -124,6 +124,9 @@ def verify_store(
 
 
 DEFAULT_GRACE = 3600.0
+# a store whose touch leaves chunks up to ``touch_age`` old as they are (object stores)
+# needs a grace of at least this many times that: the rest is the time a make may take
+MIN_GRACE_FACTOR = 2.0
 
 
 @dataclass
@@ -145,8 +148,10 @@ def collect_garbage(
 
     Safe beside a running ``make``: make refreshes the mtime of every chunk it reuses and
     writes new ones with a fresh mtime, so a chunk it needs is never older than the grace
-    period (mark and sweep with a grace period, as backup tools do). Membership is decided
-    by the ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never
+    period (mark and sweep with a grace period, as backup tools do). An object store
+    refreshes only chunks older than its ``touch_age`` (by uploading them again), so there
+    the grace must be at least ``MIN_GRACE_FACTOR`` times that. Membership is decided by
+    the ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never
     delete a referenced one.
     """
     cutoff = time.time() - grace
@@ -195,6 +200,14 @@ def _chunk_ages(store: ChunkStore, grace: float, dry_run: bool) -> Iterator[tupl
     """(id, mtime) of every chunk; mtime 0 for a store that cannot tell (grace 0 only)."""
     iter_ages = getattr(store, "iter_ages", None)
     if iter_ages is not None:
+        touch_age = getattr(store, "touch_age", 0.0)
+        if 0 < grace < MIN_GRACE_FACTOR * touch_age and not dry_run:
+            raise CafuseError(
+                f"store {store.url}: --grace {format_duration(grace)} is too short: make "
+                f"refreshes a chunk it reuses only once it is {format_duration(touch_age)} "
+                f"old, so give at least {format_duration(MIN_GRACE_FACTOR * touch_age)} and "
+                "more than any make takes (or 0 when nothing writes to the store)"
+            )
         return iter_ages()
     if grace > 0 and not dry_run:
         raise CafuseError(

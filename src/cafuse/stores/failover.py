@@ -7,8 +7,13 @@ every member did.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .base import ChunkStore, StoreError
+
+# gc and make's protocol (chunk ages, touch and how coarse it is): the first member's, the
+# one written to, and absent when it has none (make and gc look these up with getattr)
+_FIRST_MEMBERS = frozenset({"iter_ages", "touch", "delete_if_older", "touch_age"})
 
 
 class FailoverGroup(ChunkStore):
@@ -18,6 +23,11 @@ class FailoverGroup(ChunkStore):
         self.is_local = all(m.is_local for m in self.members)
         self.writable = self.members[0].writable
         self._preferred = 0  # the member that answered last: tried first next time
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _FIRST_MEMBERS and "members" in self.__dict__:
+            return getattr(self.members[0], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _order(self) -> list[ChunkStore]:
         first = self._preferred

@@ -6,6 +6,12 @@ Errors are classified here, once, from obstore's exception types and the HTTP st
 error kind that obstore carries with them (see ``classify``). A response is never read
 past what it may hold: a chunk past the largest a stored chunk can be, an index past
 ``MAX_INDEX_BYTES``; the declared length is checked before any body is read.
+
+gc beside make (docs/remote.md): an object's last-modified time is its age. S3 has no cheap
+"touch" (a copy of an object onto itself is refused unless its metadata changes, and
+obstore's copy cannot change metadata), so ``touch`` counts a chunk as recently used when
+it was written less than ``TOUCH_AGE`` ago and otherwise has make upload it again, which
+refreshes its last-modified time. gc therefore needs a grace longer than ``TOUCH_AGE``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -22,6 +29,7 @@ from typing import Any
 from .base import (
     ChunkStore,
     CorruptChunkError,
+    ReadOnlyStore,
     StoreError,
     ThrottledStoreError,
     TransientStoreError,
@@ -37,6 +45,13 @@ DEFAULT_MAX_BLOB = (128 << 20) + (4 << 20)  # casync's largest chunk, compressed
 # request timeouts come from a few clients, one per power of two of seconds: obstore sets
 # the timeout per client, and an attempt must end when its chunk's deadline says so
 _TIMEOUT_STEPS = tuple(0.25 * 2**k for k in range(12))  # 0.25 s .. 512 s
+
+# make uploads a reused chunk again when it was written longer ago than this (seconds);
+# gc's --grace must exceed it plus the longest make (gc refuses less than twice this)
+TOUCH_AGE = 600.0
+# Last-Modified is an HTTP date, whole seconds: an object may be up to this much younger
+LAST_MODIFIED_RESOLUTION = 1.0
+_MAX_PENDING = 65536  # what touch found, kept for the put that follows it
 
 _CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{4})/([0-9a-f]{64})\.cacnk$")
 _STATUS = re.compile(r"\bstatus(?: code)?: (\d{3})\b")
@@ -140,6 +155,9 @@ class ObjectChunkStore(ChunkStore):
         self._clients: dict[float, Any] = {}
         self._clients_lock = threading.Lock()
         self._store = self._client(self.retry.attempt_timeout(self.retry.timeout))
+        # chunk id -> whether ``touch`` found it (stale) rather than missing: the ``put``
+        # that follows needs no second HEAD, and counts a refreshed chunk as not new
+        self._touched: dict[bytes, bool] = {}
 
     def _client(self, timeout: float) -> Any:
         """The obstore client whose request timeout is the largest step <= ``timeout``."""
@@ -246,23 +264,61 @@ class ObjectChunkStore(ChunkStore):
         return self.retry.run(f"{self.url} {what}", attempt)
 
     def has(self, chunk_id: bytes) -> bool:
+        return self._last_modified(chunk_id) is not None
+
+    def _last_modified(self, chunk_id: bytes) -> float | None:
+        """The chunk's last-modified time (epoch seconds, whole seconds), None if missing."""
         import obstore
 
         try:
-            self._call("head", obstore.head, chunk_path(chunk_id))
+            meta = self._call("head", obstore.head, chunk_path(chunk_id))
         except FileNotFoundError:
-            return False
-        return True
+            return None
+        return float(meta["last_modified"].timestamp())
+
+    @property
+    def touch_age(self) -> float:
+        """How old a chunk ``touch`` may leave as it is (gc's grace must exceed it)."""
+        return TOUCH_AGE if self.writable else 0.0
+
+    def touch(self, chunk_id: bytes) -> bool:
+        """Whether the store holds the chunk and it counts as recently used.
+
+        ``make`` calls this for every chunk it reuses. An object store cannot refresh an
+        object's last-modified time in place, so a chunk written less than ``TOUCH_AGE``
+        ago counts as fresh (True), and an older or missing one does not (False): make
+        then compresses it and ``put`` uploads it again, which refreshes it. A gc whose
+        grace exceeds ``TOUCH_AGE`` plus the make's run time never deletes it.
+        """
+        if not self.writable:
+            return self.has(chunk_id)
+        modified = self._last_modified(chunk_id)
+        if modified is not None and time.time() - modified < TOUCH_AGE:
+            return True
+        if len(self._touched) >= _MAX_PENDING:
+            self._touched.clear()  # puts that never came (a failed make): forget them
+        self._touched[chunk_id] = modified is not None
+        return False
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
+        """Upload the chunk unless a fresh copy is there; True when it was not there before.
+
+        A copy older than ``TOUCH_AGE`` is overwritten, same bytes, to refresh its
+        last-modified time (a refreshed chunk is not counted as new). After ``touch``
+        returned False no second HEAD is made.
+        """
         import obstore
 
         if not self.writable:
             return super().put(chunk_id, blob)
-        if self.has(chunk_id):
-            return False
+        present = self._touched.pop(chunk_id, None)
+        if present is None:
+            modified = self._last_modified(chunk_id)
+            if modified is not None and time.time() - modified < TOUCH_AGE:
+                return False
+            present = modified is not None
         self._call("put", lambda s, p, b: obstore.put(s, p, b), chunk_path(chunk_id), blob)
-        return True
+        return not present
 
     def delete(self, chunk_id: bytes) -> None:
         import obstore
@@ -272,12 +328,49 @@ class ObjectChunkStore(ChunkStore):
         with contextlib.suppress(FileNotFoundError):
             self._call("delete", obstore.delete, chunk_path(chunk_id))
 
-    def iter_ids(self) -> Iterator[bytes]:
-        if self.location.scheme in ("http", "https"):
-            return super().iter_ids()  # a plain web server cannot list
-        return self._list_ids()
+    def delete_if_older(self, chunk_id: bytes, cutoff: float) -> bool:
+        """Delete the chunk unless it was modified at ``cutoff`` or later; True if deleted.
 
-    def _list_ids(self) -> Iterator[bytes]:
+        A HEAD, then a DELETE only if the object is older (its whole-second Last-Modified
+        is taken as up to a second younger). Object stores have no rename to take the
+        object away first, and obstore offers no conditional delete, so one window stays:
+        a make that uploads this very chunk again between the HEAD and the DELETE loses
+        that upload. Every retry repeats the HEAD, so the window is one request long,
+        never a backoff pause. See docs/failure-model.md.
+        """
+        import obstore
+
+        if not self.writable:
+            raise ReadOnlyStore(f"store {self.url} is read-only")
+        path = chunk_path(chunk_id)
+
+        def attempt(left: float) -> bool:
+            client = self._client(left)
+            try:
+                meta = obstore.head(client, path)
+                modified = float(meta["last_modified"].timestamp())
+                if modified + LAST_MODIFIED_RESOLUTION > cutoff:
+                    return False
+                obstore.delete(client, path)
+            except FileNotFoundError:
+                return False  # gone meanwhile (GCS and Azure say so on delete)
+            except Exception as exc:
+                raise classify(exc, f"store {self.url}") from None
+            return True
+
+        return self.retry.run(f"{self.url} delete", attempt)
+
+    def iter_ids(self) -> Iterator[bytes]:
+        for chunk_id, _ in self.iter_ages():
+            yield chunk_id
+
+    def iter_ages(self) -> Iterator[tuple[bytes, float]]:
+        """Every chunk id with its last-modified time (epoch seconds), one listing."""
+        if not self.writable:
+            raise StoreError(f"store {self.url} cannot list its chunks")  # a web server
+        return self._list_ages()
+
+    def _list_ages(self) -> Iterator[tuple[bytes, float]]:
         import obstore
 
         try:
@@ -285,7 +378,7 @@ class ObjectChunkStore(ChunkStore):
                 for meta in batch:
                     match = _CHUNK_KEY.search(meta["path"])
                     if match and match.group(2).startswith(match.group(1)):
-                        yield bytes.fromhex(match.group(2))
+                        yield bytes.fromhex(match.group(2)), meta["last_modified"].timestamp()
         except Exception as exc:
             raise classify(exc, f"store {self.url}: cannot list chunks") from None
 

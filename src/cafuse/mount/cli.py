@@ -29,6 +29,8 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
         opts.memory_cache = parse_size(args.memory_cache, "--memory-cache")
     if args.readahead is not None:
         opts.readahead = args.readahead
+    if args.no_hedge:
+        opts.hedge = False
     opts.timeout = args.timeout if args.timeout is not None else opts.timeout
     opts.retries = args.retries if args.retries is not None else opts.retries
     opts.cache = args.cache or opts.cache
@@ -157,6 +159,11 @@ def add_mount_commands(
         help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
     )
     p.add_argument(
+        "--no-hedge",
+        action="store_true",
+        help="never send a second request for a read stuck on a slow one (for measuring)",
+    )
+    p.add_argument(
         "--concurrency",
         type=int,
         metavar="N",
@@ -175,7 +182,7 @@ def add_mount_commands(
         action="append",
         metavar="OPTIONS",
         help="comma-separated options as in fstab: store=,seed=,name=,"
-        "memory_cache=,readahead=,timeout=,log=,allow_other",
+        "memory_cache=,readahead=,timeout=,log=,allow_other,nohedge",
     )
     add_remote_options(p)
     # for the mount, --timeout also bounds each read: past it the read fails with EIO

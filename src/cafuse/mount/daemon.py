@@ -179,6 +179,7 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         concurrency=opts.concurrency,
         local_threads=min(opts.concurrency, os.cpu_count() or 2),
         batch=8,
+        hedge=opts.hedge,
     )
     fs = BlobFS(reader, opts.file_name, mtime_ns)
     fuse_options = set(opts.fuse_options)

@@ -35,6 +35,7 @@ IGNORED_OPTIONS = {
     "suid",
     "dev",
 }
+FLAG_OPTIONS = {"nohedge": ("hedge", False)}  # cafuse switches without a value
 PASSED_OPTIONS = {"allow_other", "allow_root", "noexec", "noatime"}
 
 
@@ -47,6 +48,7 @@ class MountOptions:
     name: str | None = None
     memory_cache: int = 256 << 20
     readahead: int = 32
+    hedge: bool = True
     concurrency: int = 16
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
@@ -75,6 +77,9 @@ class MountOptions:
                 if not (sep and value):
                     raise CafuseError(f"mount option {key!r} needs a value ({key}=...)")
                 setter(self, value)
+            elif key in FLAG_OPTIONS and not sep:
+                attr, value_set = FLAG_OPTIONS[key]
+                setattr(self, attr, value_set)
             elif key == "rw":
                 raise CafuseError("cafuse mounts are read-only: drop the 'rw' mount option")
             elif key in PASSED_OPTIONS:

@@ -84,6 +84,7 @@ class BlobReader:
         concurrency: int = 16,
         local_threads: int = 2,
         batch: int = 8,
+        hedge: bool = True,
     ) -> None:
         self.index = index
         self.source = source
@@ -97,6 +98,7 @@ class BlobReader:
             remote_slots=concurrency,
             local_slots=local_threads,
             local_batch=batch,
+            hedge=hedge,
         )
         self._ends = index.ends
         self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup

@@ -638,7 +638,18 @@ def bench_wan(work: Path, v1: Path, report: Report) -> None:
     }
 
 
-SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan")
+SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan", "faults")
+
+
+def bench_faults(work: Path, size_mb: int, timeouts: str, report: Report) -> None:
+    """Stores that fail (scripts/bench_faults.py), on a small image of its own: a Python
+    server that misbehaves on purpose cannot serve the main image in useful time."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_faults import bench_faults as run
+    from bench_faults import build_image
+
+    image = build_image(work / "faults", size_mb)
+    run(work / "faults", image, report, tuple(float(t) for t in timeouts.split(",")))
 
 
 # ------------------------------------------------------------------ report
@@ -682,7 +693,10 @@ def _target_value(target: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: float) -> None:
+def write_markdown(
+    report: Report, args: argparse.Namespace, v1: Path | None, seconds: float
+) -> None:
+    image_mb = v1.stat().st_size >> 20 if v1 else args.size_mb
     lines = [
         "# Benchmarks",
         "",
@@ -692,13 +706,14 @@ def write_markdown(report: Report, args: argparse.Namespace, v1: Path, seconds: 
         f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
         f"Python {platform.python_version()}, {sh('casync', '--version').stdout.strip()}.",
         "",
-        f"Image: an ext4 filesystem of {v1.stat().st_size >> 20} MiB built with `mkfs.ext4 -d` "
+        f"Image: an ext4 filesystem of {image_mb} MiB built with `mkfs.ext4 -d` "
         "from real files of /usr; v2 is the same tree with 2% of the files changed in place, "
         "0.5% removed and 16 MiB added. Times are the best of three runs; for make, extract "
         "and update the page cache is warm for both tools, the mount rows say what is cold. "
         f"The work directory (images, stores, outputs) was `{args.work}` (tmpfs: this VM's "
         "virtual disk makes file-creation times swing by 3x between runs). The WAN row is "
-        "one run of each.",
+        "one run of each. The faults rows use an ext4 image of their own, of "
+        f"{args.faults_size_mb} MiB (see the notes below).",
         "",
         "| job | cafuse | baseline | ratio | target | notes |",
         "|---|---|---|---|---|---|",
@@ -740,6 +755,17 @@ def main() -> None:
         default=default_work_dir(),
         help="work directory (default: tmpfs when it has room)",
     )
+    parser.add_argument(
+        "--faults-size-mb",
+        type=int,
+        default=80,
+        help="image size for the faults section (default 80)",
+    )
+    parser.add_argument(
+        "--faults-timeouts",
+        default="30,6",
+        help="--timeout values for the dark-store rows (default 30,6; 30 is cafuse's default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--replot",
@@ -754,9 +780,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report = Report()
-    print(f"bench: building images in {args.work}", flush=True)
-    v1, v2 = build_images(args.work, args.size_mb)
     only = set(args.only.split(","))
+    v1 = v2 = None
+    if only - {"faults"}:
+        print(f"bench: building images in {args.work}", flush=True)
+        v1, v2 = build_images(args.work, args.size_mb)
     if "make" in only:
         bench_make(args.work, v1, report)
     if only & {"extract", "update", "mount", "http", "wan"}:
@@ -773,6 +801,8 @@ def main() -> None:
         bench_http(args.work, v1, report)
     if "wan" in only:
         bench_wan(args.work, v1, report)
+    if "faults" in only:
+        bench_faults(args.work, args.faults_size_mb, args.faults_timeouts, report)
     write_markdown(report, args, v1, time.monotonic() - started)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)

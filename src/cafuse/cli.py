@@ -269,14 +269,14 @@ def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="deadline for one chunk, every store and retry included; one request gets at "
-        "most a third of it (default: %(default)s)",
+        f"most a third of it (default: {DEFAULT_TIMEOUT:g})",
     )
     g.add_argument(
         "--retries",
         type=_nonnegative_int,
         default=DEFAULT_RETRIES,
         help="most retry rounds for one chunk after network errors, timeouts, 5xx, 429 or "
-        "corrupt transfers, within --timeout (default: %(default)s)",
+        f"corrupt transfers, within --timeout (default: {DEFAULT_RETRIES})",
     )
     g.add_argument(
         "--s3-endpoint",
@@ -294,7 +294,7 @@ def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
             "--cache-size",
             metavar="SIZE",
             default="10G",
-            help="bound of the cache; least recently used chunks go first (default: %(default)s)",
+            help="bound of the cache; least recently used chunks go first (default: 10G)",
         )
 
 

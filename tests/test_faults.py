@@ -281,7 +281,8 @@ def test_sigterm_does_not_wait_for_a_stalled_fetch(made_image, tmp_path: Path) -
             # a stalled request lasts 200 s here (a third of --timeout): well past the guard
             assert daemon.wait(timeout=HANG_GUARD / 6) == 0
             out, _ = reader.communicate(timeout=30)
-            assert out.strip() in (str(errno.EIO), str(errno.ENOTCONN))
+            # EIO from the daemon, or the kernel's answer to a read cut off by the unmount
+            assert out.strip() in (str(errno.EIO), str(errno.ENOTCONN), str(errno.ECONNABORTED))
             assert not os.path.ismount(mnt)
         finally:
             if daemon.poll() is None:

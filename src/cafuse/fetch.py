@@ -12,6 +12,7 @@ Blocking: call from worker threads.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -149,6 +150,42 @@ class ChunkSource:
         else:
             self._to_cache(chunk_id, blob)
         return data, store.url
+
+    def probe(self, chunk_id: bytes, size: int, deadline: float) -> None:
+        """Fetch one chunk from every remote store at once and keep the first good copy
+        for the job; ChunkUnavailable with every store's reason when none delivers. A dead
+        first store so costs the start-up nothing when another store answers."""
+        if len(self.router.stores) < 2:
+            self.get_remote(chunk_id, size, deadline, keep=True)
+            return
+        answers: queue.Queue[tuple[bytes, bytes, ChunkStore] | ChunkUnavailable] = queue.Queue()
+
+        def ask(store: ChunkStore) -> None:
+            try:
+                answers.put(
+                    self.router.fetch(
+                        chunk_id,
+                        deadline,
+                        lambda blob: decode(blob, chunk_id, size, self.hash),
+                        only=store,
+                    )
+                )
+            except ChunkUnavailable as exc:
+                answers.put(exc)
+
+        for store in self.router.stores:  # daemon threads: a stalled one must not hold exit
+            threading.Thread(target=ask, args=(store,), daemon=True).start()
+        failures: list[Failure] = []
+        for _ in self.router.stores:
+            answer = answers.get()
+            if isinstance(answer, ChunkUnavailable):
+                failures += answer.failures
+                continue
+            data, blob, store = answer
+            self.stats.add(store.url, size, len(blob))
+            self._kept = (chunk_id, data, blob, store.url)
+            return
+        raise ChunkUnavailable(chunk_id, failures)
 
     def _to_cache(self, chunk_id: bytes, blob: bytes) -> None:
         if self.cache is not None:

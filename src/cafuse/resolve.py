@@ -157,7 +157,8 @@ def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None
     """Fail early, with the reason, when the remote stores cannot serve the image at all.
 
     The check is a GET of the first chunk the index needs (no HEAD: many static hosts and
-    CDNs refuse it), through the same path as every fetch; the chunk is kept for the job.
+    CDNs refuse it), sent to every remote store at once; the first good copy is kept for
+    the job.
     It passes when any source delivers it. With ``offline_ok`` (a cache is there to serve
     from) a failure is only a warning.
     """
@@ -174,7 +175,7 @@ def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None
     if source.get_local(chunk_id, end - start) is not None:
         return
     try:
-        source.get_remote(chunk_id, end - start, source.deadline(), keep=True)
+        source.probe(chunk_id, end - start, source.deadline())
     except ChunkUnavailable as exc:
         message = _probe_failure(exc)
         if offline_ok:

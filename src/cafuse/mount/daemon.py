@@ -217,7 +217,7 @@ async def _main(reader) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 log.info("signal %d: unmounting", signum)
-                reader.close()  # reads waiting on stalled fetches fail now, not at deadline
+                await reader.close()  # reads waiting on stalled fetches fail now
                 pyfuse3.terminate()
                 return
 

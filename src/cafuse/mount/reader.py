@@ -104,6 +104,8 @@ class BlobReader:
         self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup
         self._zeros = memoryview(bytes(index.chunk_max))
         self._streams: dict[int, _Stream] = {}
+        self._waiting_reads = 0
+        self._no_waiting_reads = trio.Event()
         self.served_bytes = 0
         self.served_from = {"memory": 0, "fetch": 0, "zero": 0}
         self.reads = 0
@@ -117,9 +119,14 @@ class BlobReader:
         """Run the fetch scheduler; returns when cancelled."""
         await self.scheduler.run(task_status=task_status)
 
-    def close(self) -> None:
-        """Fail every waiting read now (shutdown must not wait for stalled fetches)."""
+    async def close(self, patience: float = 1.0) -> None:
+        """Fail every waiting read now (shutdown must not wait for stalled fetches), and
+        give them a moment to send their EIO before the caller unmounts."""
         self.scheduler.close()
+        if self._waiting_reads:
+            self._no_waiting_reads = trio.Event()
+            with trio.move_on_after(patience):
+                await self._no_waiting_reads.wait()
 
     # ------------------------------------------------------------------ reads
 
@@ -163,7 +170,13 @@ class BlobReader:
             chunk_start = chunk_end
         if waiting:
             flights = self.scheduler.request(wanted, Priority.ON_DEMAND)
-            await self._await_fetches(parts, waiting, flights, offset, end - offset)
+            self._waiting_reads += 1
+            try:
+                await self._await_fetches(parts, waiting, flights, offset, end - offset)
+            finally:
+                self._waiting_reads -= 1
+                if not self._waiting_reads:
+                    self._no_waiting_reads.set()
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.served_bytes += len(out)
         return out

@@ -69,11 +69,14 @@ class RemoteRouter:
         deadline: float,
         decode: Decode,
         cancel: threading.Event | None = None,
+        only: ChunkStore | None = None,
     ) -> tuple[bytes, bytes, ChunkStore]:
         """(data, stored bytes, store) of a verified copy, or ChunkUnavailable. Setting
-        ``cancel`` stops the fetch after the request under way (a hedge lost the race)."""
+        ``cancel`` stops the fetch after the request under way (a hedge lost the race);
+        ``only`` asks that one store alone."""
         failures: list[Failure] = []
-        done: set[int] = set()  # stores out of the running for this chunk
+        # stores out of the running for this chunk
+        done: set[int] = {id(s) for s in self.stores if only is not None and s is not only}
         retry = 0
         while True:
             attempted, throttled = False, None

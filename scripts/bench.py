@@ -638,7 +638,7 @@ def bench_wan(work: Path, v1: Path, report: Report) -> None:
     }
 
 
-SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan", "faults")
+SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan", "faults", "soak")
 
 
 def bench_faults(work: Path, size_mb: int, timeouts: str, report: Report) -> None:
@@ -650,6 +650,31 @@ def bench_faults(work: Path, size_mb: int, timeouts: str, report: Report) -> Non
 
     image = build_image(work / "faults", size_mb)
     run(work / "faults", image, report, tuple(float(t) for t in timeouts.split(",")))
+
+
+def bench_soak(minutes: float, report: Report) -> None:
+    """scripts/soak.py: 8 readers of a mount through a store failing 10% of requests."""
+    proc = subprocess.run(
+        [str(ROOT / ".venv/bin/python"), str(ROOT / "scripts/soak.py"), "--minutes", str(minutes)],
+        capture_output=True,
+        text=True,
+    )
+    print(proc.stdout[-2000:], flush=True)
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    report.add(
+        f"soak: {summary['readers']} readers for {minutes:g} min through a store failing "
+        f"{summary['fault_rate']:.0%} of requests",
+        f"{summary['reads']} reads, {summary['wrong_reads']} wrong, {summary['eio']} EIO",
+        "0 wrong, 0 EIO",
+        None,
+        "0 wrong bytes, 0 EIO, flat memory",
+        f"daemon RSS {summary['rss_mb_first']:.0f} MB at start, "
+        f"{summary['rss_mb_settled_min']:.0f}-{summary['rss_mb_settled_max']:.0f} MB after "
+        f"the first fifth, {summary['rss_mb_last']:.0f} MB at the end; "
+        f"{summary['store_requests']} store requests, faults served "
+        f"{summary['faults_served']}, {summary['hedged']} hedged",
+    )
+    report.extra["soak"] = summary
 
 
 # ------------------------------------------------------------------ report
@@ -766,6 +791,9 @@ def main() -> None:
         default="30,6",
         help="--timeout values for the dark-store rows (default 30,6; 30 is cafuse's default)",
     )
+    parser.add_argument(
+        "--soak-minutes", type=float, default=10.0, help="length of the soak (default 10)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--replot",
@@ -782,7 +810,7 @@ def main() -> None:
     report = Report()
     only = set(args.only.split(","))
     v1 = v2 = None
-    if only - {"faults"}:
+    if only - {"faults", "soak"}:
         print(f"bench: building images in {args.work}", flush=True)
         v1, v2 = build_images(args.work, args.size_mb)
     if "make" in only:
@@ -803,6 +831,8 @@ def main() -> None:
         bench_wan(args.work, v1, report)
     if "faults" in only:
         bench_faults(args.work, args.faults_size_mb, args.faults_timeouts, report)
+    if "soak" in only:
+        bench_soak(args.soak_minutes, report)
     write_markdown(report, args, v1, time.monotonic() - started)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)

@@ -109,7 +109,10 @@ class RemoteRouter:
             now = self.clock()
             if attempted:
                 if retry == self.policy.retries:
-                    break
+                    failures.append(
+                        Failure("", "deadline", f"gave up after {retry} retries (--retries)")
+                    )
+                    raise ChunkUnavailable(chunk_id, failures)
                 pause = self.policy.backoff(retry, throttled)
                 retry += 1
                 for store in remaining:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,52 @@ def test_make_from_a_block_device(small: dict[str, Path], loop_device, tmp_path:
     run_cafuse("extract", index, out, "--store", store)
     with open(dev, "rb") as f:
         assert out.read_bytes() == f.read()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--readahead", "-1"), "--readahead: expected a number >= 0"),
+        (("--concurrency", "0"), "--concurrency: expected a number >= 1"),
+        (("-o", "concurrency=0"), "must be at least 1"),
+        (("-o", "readahead=-2"), "must not be negative"),
+    ],
+)
+def test_mount_refuses_bad_counts(
+    small: dict[str, Path], tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    err = assert_user_error(
+        run_cafuse("mount", small["index"], mnt, "--store", small["store"], *args, check=False),
+        message,
+    )
+    assert err.startswith("cafuse: error:")  # one prefix for every error
+    assert not os.path.ismount(mnt)
+
+
+def test_cat_takes_sizes_with_suffixes(small: dict[str, Path]) -> None:
+    data = small["src"].read_bytes()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cafuse",
+            "cat",
+            str(small["index"]),
+            "--store",
+            str(small["store"]),
+            "--offset",
+            "1K",
+            "--length",
+            "2K",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == data[1024 : 1024 + 2048]
+    assert_user_error(
+        run_cafuse("cat", small["index"], "--store", small["store"], "--offset", "1Q", check=False),
+        "bad size '1Q'",
+    )

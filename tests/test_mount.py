@@ -289,6 +289,7 @@ def test_mount_helper_and_fstab(made_image, ext4_image: Path, tmp_path: Path) ->
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.casync
 def test_mount_casync_index_with_seed(ext4_image: Path, tmp_path: Path) -> None:
     index, store = tmp_path / "c.caibx", tmp_path / "c.castr"
     subprocess.run(

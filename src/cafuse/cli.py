@@ -27,7 +27,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem and where to look."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(2, f"cafuse: error: {where}{message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -48,6 +50,16 @@ def _nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
+
+
+def _size(text: str) -> int:
+    """A byte count with an optional K/M/G/T suffix, as every size option takes."""
+    from .sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except CafuseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -388,8 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cat", help="write (part of) an image to stdout")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
     _add_source_options(p)
-    p.add_argument("--offset", type=_nonnegative_int, default=0)
-    p.add_argument("--length", type=_nonnegative_int, default=None)
+    p.add_argument(
+        "--offset", type=_size, default=0, metavar="SIZE", help="first byte (e.g. 1M; default 0)"
+    )
+    p.add_argument(
+        "--length", type=_size, default=None, metavar="SIZE", help="bytes (default: to the end)"
+    )
     p.set_defaults(handler=cmd_cat)
 
     p = sub.add_parser("cache", help="fetch every chunk an index needs into --cache DIR")

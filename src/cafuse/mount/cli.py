@@ -17,6 +17,21 @@ from . import STATS_XATTR
 from .options import MountOptions
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _options_from_args(args: argparse.Namespace) -> MountOptions:
     opts = MountOptions(index=args.index, mountpoint=args.mountpoint)
     for spec in args.o or []:
@@ -154,7 +169,7 @@ def add_mount_commands(
     )
     p.add_argument(
         "--readahead",
-        type=int,
+        type=_count(0),
         metavar="N",
         help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
     )
@@ -165,7 +180,7 @@ def add_mount_commands(
     )
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=_count(1),
         metavar="N",
         help="remote chunk fetches in flight; a quarter serve reads only (default 16)",
     )

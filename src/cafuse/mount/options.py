@@ -99,7 +99,7 @@ _SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "name": lambda o, v: setattr(o, "name", v),
     "memory_cache": lambda o, v: setattr(o, "memory_cache", parse_size(v, "memory_cache")),
     "readahead": lambda o, v: setattr(o, "readahead", _whole(v, "readahead")),
-    "concurrency": lambda o, v: setattr(o, "concurrency", max(1, _whole(v, "concurrency"))),
+    "concurrency": lambda o, v: setattr(o, "concurrency", _whole(v, "concurrency", minimum=1)),
     "timeout": lambda o, v: setattr(o, "timeout", _seconds(v)),
     "retries": lambda o, v: setattr(o, "retries", _whole(v, "retries")),
     "log": lambda o, v: setattr(o, "log_file", v),
@@ -110,13 +110,16 @@ _SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
 }
 
 
-def _whole(value: str, key: str) -> int:
+def _whole(value: str, key: str, minimum: int = 0) -> int:
     try:
         number = int(value)
     except ValueError:
         raise CafuseError(f"mount option {key}={value!r}: expected a whole number") from None
-    if number < 0:
-        raise CafuseError(f"mount option {key}={value!r}: must not be negative")
+    if number < minimum:
+        raise CafuseError(
+            f"mount option {key}={value!r}: "
+            + ("must not be negative" if minimum == 0 else f"must be at least {minimum}")
+        )
     return number
 
 

@@ -206,20 +206,20 @@ class StoreLock:
                 continue
             if entry.kind == other and break_locks:
                 log.warning(
-                    "store %s: removing %s lock .cafuse-locks/%s (%s old; --break-locks)",
+                    "store %s: removing %s lock .cafuse-locks/%s (%.0f s old; --break-locks)",
                     self.store.url,
                     entry.kind,
                     entry.name,
-                    format_duration(round(entry.age)),
+                    entry.age,
                 )
                 self.store.delete_lock(entry.name)
                 self.broken.append(entry)
             elif entry.age >= LOCK_STALE:
                 log.info(
-                    "store %s: removing stale lock .cafuse-locks/%s (%s old)",
+                    "store %s: removing stale lock .cafuse-locks/%s (%.0f s old)",
                     self.store.url,
                     entry.name,
-                    format_duration(round(entry.age)),
+                    entry.age,
                 )
                 self.store.delete_lock(entry.name)
             elif entry.kind == other:

@@ -506,9 +506,24 @@ def _ages(store) -> dict[bytes, float]:
     return dict(store.iter_ages())
 
 
-def test_s3_gc_spares_young_chunks_and_refuses_a_short_grace(
-    seaweed: SeaweedFS, tmp_path: Path
-) -> None:
+def _calls(store) -> list[str]:
+    """Record what every request of ``store`` (with retries) was for: "head", "put", ..."""
+    seen: list[str] = []
+    call = store._call
+
+    def counting(what, fn, *args):
+        seen.append(what)
+        return call(what, fn, *args)
+
+    store._call = counting
+    return seen
+
+
+def _lock_names(store) -> list[str]:
+    return sorted(name for name, _ in store.list_locks())
+
+
+def test_s3_gc_spares_young_chunks(seaweed: SeaweedFS, tmp_path: Path) -> None:
     env = seaweed.env()
     store = "s3://cafuse-gc/grace/store"
     keep, drop = tmp_path / "keep.caibx", tmp_path / "drop.caibx"
@@ -517,16 +532,14 @@ def test_s3_gc_spares_young_chunks_and_refuses_a_short_grace(
         image.write_bytes(random_bytes(300_000, seed=seed))
         run_cafuse("make", index, image, "--store", store, "--chunk-size", "16K", env=env)
     dropped = len(read_index(drop).distinct_positions())
-    # a make may be reusing the unreferenced chunks right now: the default grace spares them
+    # chunks just written may belong to an index not yet given to gc (or to a casync
+    # upload, which takes no lock): the default grace spares them
     out = run_cafuse("gc", store, keep, env=env).stdout
     assert f"deleted 0; spared {dropped} unreferenced chunks younger than 1h" in out
     assert "0 missing" in run_cafuse("verify", drop, "--store", store, env=env).stdout
-    # make refreshes a reused chunk only once it is 10 minutes old: a shorter grace is unsafe
-    assert_user_error(
-        run_cafuse("gc", store, keep, "--grace", "15m", env=env, check=False),
-        "--grace 15m is too short",
-        "at least 20m",
-    )
+    # the store locks keep makes away, so a short grace is no longer refused
+    out = run_cafuse("gc", store, keep, "--grace", "15m", env=env).stdout
+    assert f"deleted 0; spared {dropped}" in out
     assert "would delete 0" in run_cafuse("gc", store, keep, "-n", "--grace", "1m", env=env).stdout
     out = run_cafuse("gc", store, keep, "--grace", "0", env=env).stdout
     assert f"deleted {dropped}" in out
@@ -538,40 +551,39 @@ def test_s3_gc_spares_young_chunks_and_refuses_a_short_grace(
 def test_s3_touch_put_and_delete_if_older(
     seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """touch only asks (one HEAD) and put never overwrites: a new chunk costs one HEAD and
+    one PUT, a chunk already there one HEAD, however old it is."""
     from cafuse.stores import ChunkStore, FailoverGroup, LocalStore, open_store
-    from cafuse.stores import objectstore as objectstore_module
 
     _s3_env(seaweed, monkeypatch)
     store = open_store("s3://cafuse-gc/unit/store", writable=True)
+    calls = _calls(store)
     chunk_id, other = b"\x01" * 32, b"\x02" * 32
     assert not store.touch(chunk_id)  # missing: make must write it
     assert store.put(chunk_id, b"blob")  # new
-    assert not store.put(chunk_id, b"blob")  # fresh copy there: nothing uploaded
+    assert calls == ["head", "put"]  # no second HEAD after touch
     written = _ages(store)[chunk_id]
     assert abs(written - time.time()) < 60
-    assert store.touch(chunk_id)  # younger than TOUCH_AGE: counts as recently used
     time.sleep(1.1)  # Last-Modified has whole seconds
-    assert store.touch(chunk_id) and _ages(store)[chunk_id] == written  # no request but HEAD
-    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 0.0)
-    assert not store.touch(chunk_id)  # too old to count: make uploads it again ...
-    assert not store.put(chunk_id, b"blob")  # ... which is not a new chunk
-    assert _ages(store)[chunk_id] > written  # but a fresh last-modified time
-    assert not store.put(chunk_id, b"blob")  # put alone refreshes an old copy too
-    assert store.put(other, b"other")  # and reports a missing one as new
-    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 600.0)
+    calls.clear()
+    assert store.touch(chunk_id) and calls == ["head"]
+    assert not store.put(chunk_id, b"blob") and calls == ["head", "head"]  # not overwritten
+    assert _ages(store)[chunk_id] == written
+    assert store.put(other, b"other")  # put alone: a HEAD, then the upload
     # delete_if_older: only what was last modified before the cutoff goes
     assert not store.delete_if_older(chunk_id, time.time() - 3600)
     assert store.has(chunk_id)
     assert store.delete_if_older(chunk_id, time.time() + 5)
     assert not store.has(chunk_id)
     assert not store.delete_if_older(chunk_id, time.time() + 5)  # already gone
-    # a failover group offers its first member's ages, touch and delete_if_older
+    # a failover group offers its first member's ages, touch, delete_if_older and locks
     group = open_store(f"s3://cafuse-gc/unit/store|{tmp_path / 'local'}", writable=True)
     assert isinstance(group, FailoverGroup)
     assert group.touch(other) and other in dict(group.iter_ages())
-    assert group.touch_age == 600.0
+    assert group.supports_locks and group.list_locks() == []
     assert group.delete_if_older(other, time.time() + 5) and not store.has(other)
-    assert not hasattr(FailoverGroup([LocalStore(tmp_path / "l", create=True)]), "touch_age")
+    local_group = FailoverGroup([LocalStore(tmp_path / "l", create=True), store])
+    assert not hasattr(local_group, "supports_locks")  # local stores take no lock
 
     class Bare(ChunkStore):  # no ages, no touch: a group of it offers none either
         url = "bare"
@@ -583,49 +595,295 @@ def test_s3_touch_put_and_delete_if_older(
             return False
 
     bare_first = FailoverGroup([Bare(), store])
-    for name in ("iter_ages", "touch", "delete_if_older", "touch_age"):
+    for name in ("iter_ages", "touch", "delete_if_older", "supports_locks", "list_locks"):
         assert getattr(bare_first, name, None) is None, name
 
 
-def test_s3_make_uploads_old_reused_chunks_again(
+def test_s3_second_make_uploads_nothing(
     seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """make refreshes a reused chunk older than TOUCH_AGE by uploading it again, and still
-    counts no chunk as new; a younger one is left as it is."""
-    from cafuse.stores import objectstore as objectstore_module
+    """A make of an unchanged image uploads no chunk, however old its chunks are: one HEAD
+    per distinct chunk, no PUT but its lock's. The first make: one HEAD and one PUT per
+    chunk. Both leave no lock behind."""
     from cafuse.stores import open_store
 
     _s3_env(seaweed, monkeypatch)
     store = open_store("s3://cafuse-gc/remake/store", writable=True)
+    calls = _calls(store)
     data = random_bytes(400_000, seed=33)
     first = _make_in_process(tmp_path / "a.caibx", data, store)
-    assert first.new_chunks == len(read_index(tmp_path / "a.caibx").distinct_positions())
+    distinct = len(read_index(tmp_path / "a.caibx").distinct_positions())
+    assert first.new_chunks == distinct
+    assert calls.count("put") == distinct and calls.count("head") == distinct
+    assert calls.count("lock put") == 1 and calls.count("lock delete") == 1
     before = _ages(store)
+    assert _lock_names(store) == []
     time.sleep(1.1)  # Last-Modified has whole seconds
+    calls.clear()
     again = _make_in_process(tmp_path / "b.caibx", data, store)
-    assert again.new_chunks == 0 and _ages(store) == before  # young: nothing uploaded
-    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 0.0)
-    remade = _make_in_process(tmp_path / "c.caibx", data, store)
-    assert remade.new_chunks == 0 and remade.stored_bytes == 0
-    after = _ages(store)
-    assert after.keys() == before.keys()
-    assert all(after[chunk_id] > before[chunk_id] for chunk_id in before)
+    assert again.new_chunks == 0 and again.stored_bytes == 0
+    assert "put" not in calls and calls.count("head") == distinct
+    assert _ages(store) == before  # every chunk's last-modified unchanged
+    assert _lock_names(store) == []
+    assert (tmp_path / "b.caibx").read_bytes() == (tmp_path / "a.caibx").read_bytes()
+
+
+def _fake_lock(store, kind: str, host: str = "elsewhere", pid: int = 4242) -> str:
+    """A lock as another process on another host writes it."""
+    name = f"{kind}-{host}-{pid}-{'0123456789abcdef'}.json"
+    body = json.dumps({"kind": kind, "host": host, "pid": pid, "started": "then"})
+    store.put_lock(name, body.encode())
+    return name
+
+
+def test_s3_make_and_gc_exclude_each_other(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh make lock makes gc fail in one line and delete nothing; a fresh gc lock makes
+    make fail in one line and write nothing. The refused run leaves no lock of its own."""
+    from cafuse import locks
+    from cafuse.maintenance import collect_garbage
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    env = seaweed.env()
+    url = "s3://cafuse-gc/locks/store"
+    store = open_store(url, writable=True)
+    keep, drop = tmp_path / "keep.caibx", tmp_path / "drop.caibx"
+    _make_in_process(keep, random_bytes(200_000, seed=41), store)
+    _make_in_process(drop, random_bytes(200_000, seed=42), store)
+    before = _ages(store)
+
+    # a make is running (its lock held by this process, refreshed in the background)
+    with locks.store_lock(store, "make") as running:
+        assert _lock_names(store) == [running.name]
+        assert running.name.startswith(f"make-{locks._host()[:4]}")
+        body = json.loads(store.read_lock(running.name))
+        assert body["kind"] == "make" and body["pid"] == os.getpid() and body["started"]
+        # the lock is not taken for a chunk
+        assert _ages(store) == before and set(store.iter_ids()) == set(before)
+        with pytest.raises(locks.StoreLocked) as refused:
+            collect_garbage(store, [read_index(keep)], grace=0)
+        message = str(refused.value)
+        assert message.startswith(f"a make is writing to store {url} (lock .cafuse-locks/make-")
+        assert f"host {locks._host()}" in message and "s old" in message
+        assert "cafuse gc --break-locks after checking" in message and "\n" not in message
+        proc = run_cafuse("gc", url, keep, "--grace", "0", env=env, check=False)
+        assert_user_error(proc, "a make is writing to store", "--break-locks")
+        assert _ages(store) == before  # nothing deleted
+        assert _lock_names(store) == [running.name]  # the refused gcs removed their locks
+        # --dry-run takes no lock and says gc would refuse
+        dry = run_cafuse("gc", url, keep, "--grace", "0", "--dry-run", env=env).stdout
+        assert "would delete" in dry and "gc would refuse now: 1 fresh make lock" in dry
+        # a second make is welcome beside the first
+        _make_in_process(tmp_path / "again.caibx", random_bytes(200_000, seed=41), store)
+    assert _lock_names(store) == []
+
+    # a gc is running: make fails in one line, and writes no index
+    with locks.store_lock(store, "gc") as gc_lock:
+        with pytest.raises(locks.StoreLocked) as refused:
+            _make_in_process(tmp_path / "new.caibx", random_bytes(200_000, seed=43), store)
+        message = str(refused.value)
+        assert message.startswith(f"store {url} is being garbage-collected (lock .cafuse-locks/gc-")
+        assert "run make again when gc is done" in message and "\n" not in message
+        assert not (tmp_path / "new.caibx").exists()
+        image = tmp_path / "new.img"
+        proc = run_cafuse(
+            "make", tmp_path / "new2.caibx", image, "--store", url, env=env, check=False
+        )
+        assert_user_error(proc, "is being garbage-collected", "run make again when gc is done")
+        assert not (tmp_path / "new2.caibx").exists()
+        assert _lock_names(store) == [gc_lock.name]
+        assert _ages(store) == before  # no chunk uploaded
+    assert _lock_names(store) == []
+    # nothing holds the store: gc runs
+    out = run_cafuse("gc", url, keep, "--grace", "0", env=env).stdout
+    assert f"deleted {len(read_index(drop).distinct_positions())}" in out
+    assert _lock_names(store) == []
+
+
+def test_s3_stale_locks_are_ignored_and_removed(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock of a killed process (never refreshed) stops the other kind only until it is
+    LOCK_STALE old, by the server's clock; then it is ignored and removed."""
+    from cafuse import locks
+    from cafuse.maintenance import collect_garbage
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    monkeypatch.setattr(locks, "LOCK_STALE", 3.0)
+    monkeypatch.setattr(locks, "LOCK_REFRESH", 0.5)
+    store = open_store("s3://cafuse-gc/stale/store", writable=True)
+    index = tmp_path / "a.caibx"
+    _make_in_process(index, random_bytes(100_000, seed=51), store)
+    start = time.monotonic()
+
+    def at(seconds: float) -> None:
+        time.sleep(max(0.0, start + seconds - time.monotonic()))
+
+    dead_make = _fake_lock(store, "make")
+    with pytest.raises(locks.StoreLocked, match="host elsewhere, pid 4242"):
+        collect_garbage(store, [read_index(index)], grace=0)
+    at(2.0)
+    dead_gc = _fake_lock(store, "gc", host="other-host")
+    with pytest.raises(locks.StoreLocked, match="host other-host, pid 4242"):
+        _make_in_process(tmp_path / "b.caibx", random_bytes(100_000, seed=52), store)
+    assert _lock_names(store) == sorted([dead_make, dead_gc])
+    at(4.0)  # the make lock is stale now, the gc lock not yet
+    report = collect_garbage(store, [read_index(index)], grace=0)
+    assert report.deleted == 0 and not report.broken  # ran, nothing to delete
+    assert _lock_names(store) == [dead_gc]  # the stale one removed, the fresh one kept
+    at(5.6)  # now the gc lock is stale too
+    _make_in_process(tmp_path / "b.caibx", random_bytes(100_000, seed=52), store)
+    assert _lock_names(store) == []
+    assert collect_garbage(store, [read_index(index)], grace=0).kept > 0  # runs again
+    # something in the lock directory that is no cafuse lock is left alone and stops nobody
+    store.put_lock("README", b"cafuse store locks")
+    collect_garbage(store, [read_index(index)], grace=0)
+    assert _lock_names(store) == ["README"]
+    store.delete_lock("README")
+
+
+def test_s3_gc_break_locks(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--break-locks removes fresh make locks; a make whose lock was broken notices and
+    fails before writing its index."""
+    from cafuse import locks
+    from cafuse.maintenance import collect_garbage
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    env = seaweed.env()
+    url = "s3://cafuse-gc/break/store"
+    store = open_store(url, writable=True)
+    keep = tmp_path / "keep.caibx"
+    _make_in_process(keep, random_bytes(100_000, seed=61), store)
+    _make_in_process(tmp_path / "drop.caibx", random_bytes(100_000, seed=62), store)
+    dead = _fake_lock(store, "make")
+    time.sleep(1.1)  # the chunks older than the grace (0) by whole-second Last-Modified
+    out = run_cafuse("gc", url, keep, "--grace", "0", "--break-locks", env=env).stdout
+    assert "removed 1 make locks (--break-locks)" in out and "deleted 0" not in out
+    assert _lock_names(store) == []
+    assert dead not in _lock_names(store)
+
+    # a make whose lock is broken while it runs commits no index
+    gc_store = open_store(url)  # another "process"
+    put = store.put
+    broke: list[object] = []
+
+    def put_then_break(chunk_id: bytes, blob: bytes) -> bool:
+        new = put(chunk_id, blob)
+        if not broke:
+            broke.append(collect_garbage(gc_store, [read_index(keep)], break_locks=True))
+        return new
+
+    monkeypatch.setattr(store, "put", put_then_break)
+    new = tmp_path / "new.caibx"
+    with pytest.raises(locks.LockLost) as lost:
+        _make_in_process(new, random_bytes(300_000, seed=63), store, threads=1)
+    assert broke and len(broke[0].broken) == 1
+    message = str(lost.value)
+    assert "was removed by someone else (cafuse gc --break-locks?)" in message
+    assert "run make again" in message and "\n" not in message
+    assert not new.exists()
+    assert _lock_names(store) == []
+
+
+def test_s3_lock_refresh_and_loss(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held lock is rewritten every LOCK_REFRESH; a holder that could not refresh in time
+    (suspended) or whose lock vanished counts it as lost; release removes it, even after
+    an error."""
+    from cafuse import locks
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    monkeypatch.setattr(locks, "LOCK_REFRESH", 0.3)
+    store = open_store("s3://cafuse-gc/refresh/store", writable=True)
+    with locks.store_lock(store, "gc") as lock:
+        (first,) = store.list_locks()
+        time.sleep(2.2)
+        (later,) = store.list_locks()
+        assert later[0] == first[0] == lock.name and later[1] > first[1]
+        lock.check()
+        lock.verify()
+        lock._stop.set()  # as if the process had been stopped for an hour
+        lock._thread.join()
+        lock._refreshed -= 3600
+        with pytest.raises(locks.LockLost, match="not refreshed for 1h"):
+            lock.check()
+    assert _lock_names(store) == []
+    with pytest.raises(KeyboardInterrupt), locks.store_lock(store, "make") as lock:
+        store.delete_lock(lock.name)
+        time.sleep(1)
+        with pytest.raises(locks.LockLost, match="removed by someone else"):
+            lock.check()
+        raise KeyboardInterrupt
+    assert _lock_names(store) == []
+    # local directories and web servers take no lock
+    from cafuse.stores import LocalStore
+
+    assert not locks.lockable(LocalStore(tmp_path / "local", create=True))
+    assert not locks.lockable(open_store("http://127.0.0.1:1/store"))
+    assert not (tmp_path / "local" / ".cafuse-locks").exists()
+
+
+def test_s3_make_and_gc_starting_together_never_both_run(
+    seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write, then list: of a make and a gc taking their locks at the same moment, at least
+    one sees the other and gives up."""
+    from cafuse import locks
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    url = "s3://cafuse-gc/together/store"
+    stores = {"make": open_store(url, writable=True), "gc": open_store(url, writable=True)}
+    outcomes = []
+    for _ in range(12):
+        barrier = threading.Barrier(2)
+        got: dict[str, bool] = {}
+        held: list[locks.StoreLock] = []
+
+        def take(kind: str, barrier=barrier, got=got, held=held) -> None:
+            lock = locks.StoreLock(stores[kind], kind)
+            barrier.wait()
+            try:
+                lock.acquire()
+            except locks.StoreLocked:
+                got[kind] = False
+                return
+            got[kind] = True
+            held.append(lock)
+
+        threads = [threading.Thread(target=take, args=(kind,)) for kind in ("make", "gc")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not (got["make"] and got["gc"]), got
+        outcomes.append(tuple(sorted(k for k, v in got.items() if v)))
+        for lock in held:
+            lock.release()
+        assert _lock_names(stores["gc"]) == []
+    assert outcomes  # (which one wins, or neither, depends on timing)
 
 
 def test_s3_gc_beside_make_never_deletes_what_the_new_index_needs(
     seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """make of a new image and gc (given only the old index) at once on one bucket, time
-    scaled down (TOUCH_AGE 1 s, grace 6 s): the new index is complete. The new image begins
-    with unreferenced chunks older than the grace, the very ones gc is after; gc starts
-    once make has gone past them, and runs until make is done."""
+    """make of a new image while gc (given only the old index, grace 0) runs again and
+    again on one bucket: gc refuses while make holds its lock, so the new index is
+    complete. The new image begins with unreferenced chunks older than the grace, the very
+    ones gc is after. gc runs successfully after make, given both indexes."""
+    from cafuse import locks
     from cafuse.maintenance import collect_garbage, verify_store
-    from cafuse.stores import objectstore as objectstore_module
     from cafuse.stores import open_store
 
     _s3_env(seaweed, monkeypatch)
-    monkeypatch.setattr(objectstore_module, "TOUCH_AGE", 1.0)
-    grace = 6.0
     url = "s3://cafuse-gc/race/store"
     make_store, gc_store = open_store(url, writable=True), open_store(url)  # two "processes"
     old = tmp_path / "old.caibx"
@@ -633,26 +891,44 @@ def test_s3_gc_beside_make_never_deletes_what_the_new_index_needs(
     stale = random_bytes(4 << 20, seed=22)
     _make_in_process(tmp_path / "stale.caibx", stale, make_store)
     _make_in_process(tmp_path / "garbage.caibx", random_bytes(1 << 20, seed=24), make_store)
-    time.sleep(grace + 1.5)  # now all of them are older than the grace
-    new_chunk_written = threading.Event()
-    put = make_store.put
+    time.sleep(1.1)  # all of them older than the grace (0), whole-second Last-Modified
+    reused = threading.Event()
+    touch = make_store.touch
 
-    def put_and_tell(chunk_id: bytes, blob: bytes) -> bool:
-        new = put(chunk_id, blob)
-        if new:
-            new_chunk_written.set()  # make is past the reused chunks
-        return new
+    def touch_and_tell(chunk_id: bytes) -> bool:
+        there = touch(chunk_id)
+        if there:
+            reused.set()  # make holds its lock and reuses stale chunks: let gc loose
+        return there
 
-    monkeypatch.setattr(make_store, "put", put_and_tell)
-    made = threading.Event()
-    reports = []
+    monkeypatch.setattr(make_store, "touch", touch_and_tell)
+    # gc with only the old index would rightly delete the new image's chunks once make is
+    # done: the loop stops when make lets go of its lock (a test artifact, not the race)
+    made, guard = threading.Event(), threading.Lock()
+    release = locks.StoreLock.release
+
+    def release_and_tell(self: locks.StoreLock) -> None:
+        if self.kind == "make":
+            with guard:
+                made.set()
+        release(self)
+
+    monkeypatch.setattr(locks.StoreLock, "release", release_and_tell)
+    reports, refusals = [], []
     errors: list[BaseException] = []
 
     def gc_loop() -> None:
         try:
-            new_chunk_written.wait(60)
-            while not made.is_set() or not reports:
-                reports.append(collect_garbage(gc_store, [read_index(old)], grace=grace))
+            reused.wait(60)
+            while True:
+                with guard:
+                    if made.is_set():
+                        return
+                    try:
+                        reports.append(collect_garbage(gc_store, [read_index(old)], grace=0))
+                    except locks.StoreLocked as exc:
+                        refusals.append(str(exc))
+                time.sleep(0.05)
         except BaseException as exc:
             errors.append(exc)
 
@@ -663,10 +939,16 @@ def test_s3_gc_beside_make_never_deletes_what_the_new_index_needs(
         _make_in_process(new, stale + random_bytes(8 << 20, seed=23), make_store)
     finally:
         made.set()
-        new_chunk_written.set()
+        reused.set()
         gc_thread.join(120)
     assert not errors, errors
-    assert sum(r.deleted for r in reports) > 0  # gc did delete (the garbage) meanwhile
+    assert refusals and all("a make is writing to store" in r for r in refusals)
+    assert not reports  # never while make ran
     report = verify_store(read_index(new), gc_store, progress=False)
     assert not report.missing and not report.corrupt
+    # gc runs once make is done, given every index in use, and deletes the garbage
+    after = collect_garbage(gc_store, [read_index(old), read_index(new)], grace=0)
+    assert after.deleted > 0
+    assert not verify_store(read_index(new), gc_store, progress=False).missing
     assert not verify_store(read_index(old), gc_store, progress=False).missing
+    assert _lock_names(gc_store) == []

@@ -255,7 +255,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     indexes = [load_index(path, remote) for path in args.indexes]
     store = remote.open(args.store)
     grace = parse_duration(args.grace, "--grace")
-    report = collect_garbage(store, indexes, dry_run=args.dry_run, grace=grace)
+    report = collect_garbage(
+        store, indexes, dry_run=args.dry_run, grace=grace, break_locks=args.break_locks
+    )
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"{store.url}: kept {report.kept} chunks, {verb} {report.deleted}"
@@ -266,7 +268,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
             else ""
         )
         + (f"; removed {report.temps} stale temporary files" if report.temps else "")
+        + (f"; removed {len(report.broken)} make locks (--break-locks)" if report.broken else "")
     )
+    if report.blocking:
+        first = report.blocking[0]
+        print(
+            f"{store.url}: gc would refuse now: {len(report.blocking)} fresh make lock(s), "
+            f"e.g. .cafuse-locks/{first.name} ({first.age:.0f} s old)"
+            + ("; --break-locks would remove them" if args.break_locks else "")
+        )
     return 0
 
 
@@ -432,23 +442,40 @@ def build_parser() -> argparse.ArgumentParser:
         "gc",
         help="delete chunks that no given index references",
         description="Delete the chunks of STORE that no given INDEX references and that are "
-        "older than --grace. Safe beside a make writing to the same store: make refreshes "
-        "the mtime of every chunk it reuses and writes new ones with a fresh mtime, so a "
-        "chunk a running make needs is never older than the grace period (in an object "
-        "store make uploads again a reused chunk older than 10 minutes, so there the grace "
-        "must be at least 20m). Also removes temporary files that killed writers left "
-        "(older than an hour).",
+        "older than --grace. Safe beside a make writing to the same store. On a local store "
+        "make refreshes the mtime of every chunk it reuses and writes new ones with a fresh "
+        "mtime, so a chunk a running make needs is never older than the grace period. On "
+        "S3, GCS and Azure make and gc take store locks (objects under "
+        "STORE/.cafuse-locks/) and exclude each other: gc refuses to start while a make "
+        "holds a fresh lock (one rewritten in the last 30 minutes), and make refuses while "
+        "gc runs. A killed process's lock goes stale after 30 minutes; --break-locks "
+        "removes make locks at once. casync, desync and older cafuse take no lock: the "
+        "grace period is what protects their uploads. Also removes temporary files that "
+        "killed writers left (older than an hour).",
     )
     p.add_argument("store", metavar="STORE")
     p.add_argument("indexes", metavar="INDEX", nargs="+")
-    p.add_argument("--dry-run", "-n", action="store_true", help="only count")
+    p.add_argument(
+        "--dry-run",
+        "-n",
+        action="store_true",
+        help="only count, take no lock, and say whether a make's lock would stop gc",
+    )
     p.add_argument(
         "--grace",
         default="1h",
         metavar="DURATION",
         help="spare unreferenced chunks written or reused less than this long ago: longer "
-        "than any make takes, and at least 20m on S3, GCS or Azure (seconds, or 30m, 2h, "
-        "1d; default: %(default)s). 0 is safe only when nothing writes to the store",
+        "than any make takes, and than any casync or desync upload to the store, which "
+        "takes no lock (seconds, or 30m, 2h, 1d; default: %(default)s). 0 is safe only "
+        "when nothing writes to the store",
+    )
+    p.add_argument(
+        "--break-locks",
+        action="store_true",
+        help="S3, GCS, Azure: remove every make lock in the store, however fresh, before "
+        "collecting. Only after checking that no make is running (a killed one's lock "
+        "otherwise goes stale after 30 minutes)",
     )
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_gc)

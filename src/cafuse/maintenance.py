@@ -14,6 +14,7 @@ from .digest import hash_function
 from .errors import CafuseError
 from .fetch import decode
 from .index import Index
+from .locks import LockEntry, NoLock, StoreLock, blocking_locks, store_lock
 from .progress import Progress
 from .sizes import format_duration
 from .stores import ChunkStore, StoreError
@@ -124,9 +125,6 @@ def verify_store(
 
 
 DEFAULT_GRACE = 3600.0
-# a store whose touch leaves chunks up to ``touch_age`` old as they are (object stores)
-# needs a grace of at least this many times that: the rest is the time a make may take
-MIN_GRACE_FACTOR = 2.0
 
 
 @dataclass
@@ -135,6 +133,9 @@ class GcReport:
     deleted: int = 0
     young: int = 0  # unreferenced, but younger than the grace period: kept
     temps: int = 0  # stale temporary files of killed writers removed
+    broken: list[LockEntry] = field(default_factory=list)  # make locks --break-locks removed
+    # --dry-run: the make locks that would stop gc now (it takes no lock itself)
+    blocking: list[LockEntry] = field(default_factory=list)
 
 
 def collect_garbage(
@@ -143,21 +144,39 @@ def collect_garbage(
     *,
     dry_run: bool = False,
     grace: float = DEFAULT_GRACE,
+    break_locks: bool = False,
 ) -> GcReport:
     """Delete every chunk no index references and that is older than ``grace`` seconds.
 
-    Safe beside a running ``make``: make refreshes the mtime of every chunk it reuses and
-    writes new ones with a fresh mtime, so a chunk it needs is never older than the grace
-    period (mark and sweep with a grace period, as backup tools do). An object store
-    refreshes only chunks older than its ``touch_age`` (by uploading them again), so there
-    the grace must be at least ``MIN_GRACE_FACTOR`` times that. Membership is decided by
-    the ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never
-    delete a referenced one.
+    Safe beside a running ``make``. On a local store make refreshes the mtime of every
+    chunk it reuses and writes new ones with a fresh mtime, so a chunk it needs is never
+    older than the grace period (mark and sweep with a grace period, as backup tools do).
+    On an object store gc holds a ``gc`` store lock and refuses to start while a fresh
+    ``make`` lock is there (``cafuse.locks``; ``break_locks`` removes those first); the
+    grace still spares chunks of writers that take no lock (casync, desync). ``dry_run``
+    takes no lock and reports the locks that would stop gc. Membership is decided by the
+    ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never delete
+    a referenced one.
     """
-    cutoff = time.time() - grace
     keys = [index.id_keys() for index in indexes]
+    if dry_run:
+        report = GcReport(blocking=blocking_locks(store, "gc"))
+        return _collect(store, keys, grace, True, report, None)
+    with store_lock(store, "gc", break_locks=break_locks) as lock:
+        report = GcReport(broken=list(lock.broken))
+        return _collect(store, keys, grace, False, report, lock)
+
+
+def _collect(
+    store: ChunkStore,
+    keys: list[np.ndarray],
+    grace: float,
+    dry_run: bool,
+    report: GcReport,
+    lock: StoreLock | NoLock | None,
+) -> GcReport:
+    cutoff = time.time() - grace
     referenced = np.unique(np.concatenate(keys)) if keys else np.empty(0, dtype="<u8")
-    report = GcReport()
     entries = _chunk_ages(store, grace, dry_run)
     delete_if_older = getattr(store, "delete_if_older", None)
     remove_stale_temps = getattr(store, "remove_stale_temps", None)
@@ -178,14 +197,17 @@ def collect_garbage(
                 report.young += 1
             elif dry_run:
                 report.deleted += 1
-            elif delete_if_older is not None:
-                if delete_if_older(chunk_id, cutoff):
-                    report.deleted += 1
-                else:
-                    report.young += 1  # reused by a make while gc ran
             else:
-                store.delete(chunk_id)
-                report.deleted += 1
+                assert lock is not None
+                lock.check()  # never delete once the store lock is lost (no request)
+                if delete_if_older is not None:
+                    if delete_if_older(chunk_id, cutoff):
+                        report.deleted += 1
+                    else:
+                        report.young += 1  # reused by a make while gc ran
+                else:
+                    store.delete(chunk_id)
+                    report.deleted += 1
         batch.clear()
 
     for entry in entries:
@@ -200,14 +222,6 @@ def _chunk_ages(store: ChunkStore, grace: float, dry_run: bool) -> Iterator[tupl
     """(id, mtime) of every chunk; mtime 0 for a store that cannot tell (grace 0 only)."""
     iter_ages = getattr(store, "iter_ages", None)
     if iter_ages is not None:
-        touch_age = getattr(store, "touch_age", 0.0)
-        if 0 < grace < MIN_GRACE_FACTOR * touch_age and not dry_run:
-            raise CafuseError(
-                f"store {store.url}: --grace {format_duration(grace)} is too short: make "
-                f"refreshes a chunk it reuses only once it is {format_duration(touch_age)} "
-                f"old, so give at least {format_duration(MIN_GRACE_FACTOR * touch_age)} and "
-                "more than any make takes (or 0 when nothing writes to the store)"
-            )
         return iter_ages()
     if grace > 0 and not dry_run:
         raise CafuseError(

@@ -4,6 +4,9 @@ The chunker runs on the calling thread over blocks read from the input; batches 
 chunks go to worker threads that hash them, skip those the store already has, compress
 and store the rest. Finished batches are appended to the index in order, and at most a
 few batches per thread are in flight, so memory stays bounded whatever the image size.
+
+On an object store make holds a store lock while it runs (``cafuse.locks``): a gc cannot
+start meanwhile, and make refuses to start while a gc runs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .chunker import Block, ChunkSizes, cut_blocks, open_input
 from .codec import compress
 from .digest import flags_for_digest, hash_function
 from .index import IndexWriter
+from .locks import NoLock, StoreLock, store_lock
 from .progress import Progress
 from .sizes import format_size
 from .stores import ChunkStore
@@ -82,9 +86,40 @@ def make(
     power cut can never leave an index naming chunks that were lost (casync and desync
     do not do this; it costs the write-back time of every new chunk).
     """
+    with store_lock(store, "make") as lock:
+        return _make(
+            index_path,
+            input_path,
+            store,
+            lock,
+            digest=digest,
+            sizes=sizes,
+            compression=compression,
+            level=level,
+            threads=threads,
+            progress=progress,
+            sync=sync,
+        )
+
+
+def _make(
+    index_path: str,
+    input_path: str,
+    store: ChunkStore,
+    lock: StoreLock | NoLock,
+    *,
+    digest: str,
+    sizes: ChunkSizes,
+    compression: str,
+    level: int,
+    threads: int | None,
+    progress: bool | None,
+    sync: bool,
+) -> MakeResult:
     hash_chunk = hash_function(digest)
     threads = threads or os.cpu_count() or 2
-    # a store that can refresh a reused chunk's mtime (touch) keeps a concurrent gc off it
+    # a local store refreshes a reused chunk's mtime (touch), which keeps a concurrent gc
+    # off it; an object store's touch only asks, and the store lock keeps gc away
     reuse = getattr(store, "touch", None) or store.has
     remove_stale_temps = getattr(store, "remove_stale_temps", None)
     if remove_stale_temps is not None:
@@ -140,6 +175,7 @@ def make(
 
             def collect(future: Future[_BatchResult]) -> None:
                 batch = future.result()
+                lock.check()  # the store lock still held (no request)
                 writer.append(batch.ends, batch.ids)
                 keys.append(np.ascontiguousarray(batch.ids[:, :8]).view("<u8").reshape(-1))
                 result.chunks += len(batch.ends)
@@ -159,6 +195,7 @@ def make(
             bar.close()
             if sync:
                 store.sync()
+            lock.verify()  # no index naming chunks a gc may have deleted
             writer.commit()
     except StoreFull as exc:
         free = exc.free if exc.free is not None else "free space unknown"

@@ -11,9 +11,21 @@ from typing import Any
 
 from .base import ChunkStore, StoreError
 
-# gc and make's protocol (chunk ages, touch and how coarse it is): the first member's, the
-# one written to, and absent when it has none (make and gc look these up with getattr)
-_FIRST_MEMBERS = frozenset({"iter_ages", "touch", "delete_if_older", "touch_age"})
+# gc and make's protocol (chunk ages, touch, store locks): the first member's, the one
+# written to, and absent when it has none (make and gc look these up with getattr)
+_FIRST_MEMBERS = frozenset(
+    {
+        "iter_ages",
+        "touch",
+        "delete_if_older",
+        "supports_locks",
+        "put_lock",
+        "lock_exists",
+        "list_locks",
+        "read_lock",
+        "delete_lock",
+    }
+)
 
 
 class FailoverGroup(ChunkStore):

@@ -7,11 +7,12 @@ error kind that obstore carries with them (see ``classify``). A response is neve
 past what it may hold: a chunk past the largest a stored chunk can be, an index past
 ``MAX_INDEX_BYTES``; the declared length is checked before any body is read.
 
-gc beside make (docs/remote.md): an object's last-modified time is its age. S3 has no cheap
-"touch" (a copy of an object onto itself is refused unless its metadata changes, and
-obstore's copy cannot change metadata), so ``touch`` counts a chunk as recently used when
-it was written less than ``TOUCH_AGE`` ago and otherwise has make upload it again, which
-refreshes its last-modified time. gc therefore needs a grace longer than ``TOUCH_AGE``.
+gc beside make (docs/remote.md, ``cafuse.locks``): an object's last-modified time is its
+age, but S3 has no cheap "touch" (a copy of an object onto itself is refused unless its
+metadata changes, and obstore's copy cannot change metadata), so make and gc exclude each
+other with lock objects under ``LOCK_DIR`` instead, and ``touch`` only asks whether a chunk
+is there. The lock primitives (``put_lock``, ``list_locks``, ...) are here; the protocol is
+in ``cafuse.locks``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -46,12 +46,13 @@ DEFAULT_MAX_BLOB = (128 << 20) + (4 << 20)  # casync's largest chunk, compressed
 # the timeout per client, and an attempt must end when its chunk's deadline says so
 _TIMEOUT_STEPS = tuple(0.25 * 2**k for k in range(12))  # 0.25 s .. 512 s
 
-# make uploads a reused chunk again when it was written longer ago than this (seconds);
-# gc's --grace must exceed it plus the longest make (gc refuses less than twice this)
-TOUCH_AGE = 600.0
 # Last-Modified is an HTTP date, whole seconds: an object may be up to this much younger
 LAST_MODIFIED_RESOLUTION = 1.0
-_MAX_PENDING = 65536  # what touch found, kept for the put that follows it
+_MAX_PENDING = 65536  # chunks touch found missing, kept for the put that follows it
+# make's and gc's lock objects, under the store's prefix: never taken for chunks, which
+# are <4 hex>/<64 hex>.cacnk
+LOCK_DIR = ".cafuse-locks"
+MAX_LOCK_BYTES = 64 << 10  # a lock's body is a small JSON object
 
 _CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{4})/([0-9a-f]{64})\.cacnk$")
 _STATUS = re.compile(r"\bstatus(?: code)?: (\d{3})\b")
@@ -155,9 +156,9 @@ class ObjectChunkStore(ChunkStore):
         self._clients: dict[float, Any] = {}
         self._clients_lock = threading.Lock()
         self._store = self._client(self.retry.attempt_timeout(self.retry.timeout))
-        # chunk id -> whether ``touch`` found it (stale) rather than missing: the ``put``
-        # that follows needs no second HEAD, and counts a refreshed chunk as not new
-        self._touched: dict[bytes, bool] = {}
+        # chunks ``touch`` found missing: the ``put`` that follows needs no second HEAD
+        self._missing: set[bytes] = set()
+        self._missing_lock = threading.Lock()
 
     def _client(self, timeout: float) -> Any:
         """The obstore client whose request timeout is the largest step <= ``timeout``."""
@@ -276,49 +277,41 @@ class ObjectChunkStore(ChunkStore):
             return None
         return float(meta["last_modified"].timestamp())
 
-    @property
-    def touch_age(self) -> float:
-        """How old a chunk ``touch`` may leave as it is (gc's grace must exceed it)."""
-        return TOUCH_AGE if self.writable else 0.0
-
     def touch(self, chunk_id: bytes) -> bool:
-        """Whether the store holds the chunk and it counts as recently used.
+        """Whether the store holds the chunk: one HEAD, nothing written.
 
-        ``make`` calls this for every chunk it reuses. An object store cannot refresh an
-        object's last-modified time in place, so a chunk written less than ``TOUCH_AGE``
-        ago counts as fresh (True), and an older or missing one does not (False): make
-        then compresses it and ``put`` uploads it again, which refreshes it. A gc whose
-        grace exceeds ``TOUCH_AGE`` plus the make's run time never deletes it.
+        ``make`` calls this for every chunk it reuses. An object's last-modified time
+        cannot be refreshed in place, and uploading the chunk again would cost what dedup
+        saves, so a running make is protected from gc by its store lock (``cafuse.locks``)
+        instead. A missing chunk is remembered for the ``put`` that follows (no second HEAD).
         """
         if not self.writable:
             return self.has(chunk_id)
-        modified = self._last_modified(chunk_id)
-        if modified is not None and time.time() - modified < TOUCH_AGE:
+        if self.has(chunk_id):
             return True
-        if len(self._touched) >= _MAX_PENDING:
-            self._touched.clear()  # puts that never came (a failed make): forget them
-        self._touched[chunk_id] = modified is not None
+        with self._missing_lock:
+            if len(self._missing) >= _MAX_PENDING:
+                self._missing.clear()  # puts that never came (a failed make): forget them
+            self._missing.add(chunk_id)
         return False
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
-        """Upload the chunk unless a fresh copy is there; True when it was not there before.
+        """Upload the chunk unless it is there; True when it was uploaded.
 
-        A copy older than ``TOUCH_AGE`` is overwritten, same bytes, to refresh its
-        last-modified time (a refreshed chunk is not counted as new). After ``touch``
-        returned False no second HEAD is made.
+        A chunk already there is never overwritten. After ``touch`` found the chunk
+        missing no second HEAD is made: one HEAD and one PUT per new chunk.
         """
         import obstore
 
         if not self.writable:
             return super().put(chunk_id, blob)
-        present = self._touched.pop(chunk_id, None)
-        if present is None:
-            modified = self._last_modified(chunk_id)
-            if modified is not None and time.time() - modified < TOUCH_AGE:
-                return False
-            present = modified is not None
+        with self._missing_lock:
+            known_missing = chunk_id in self._missing
+            self._missing.discard(chunk_id)
+        if not known_missing and self.has(chunk_id):
+            return False
         self._call("put", lambda s, p, b: obstore.put(s, p, b), chunk_path(chunk_id), blob)
-        return not present
+        return True
 
     def delete(self, chunk_id: bytes) -> None:
         import obstore
@@ -381,6 +374,60 @@ class ObjectChunkStore(ChunkStore):
                         yield bytes.fromhex(match.group(2)), meta["last_modified"].timestamp()
         except Exception as exc:
             raise classify(exc, f"store {self.url}: cannot list chunks") from None
+
+    # ------------------------------------------------------------------ lock objects
+
+    @property
+    def supports_locks(self) -> bool:
+        """Whether make and gc lock this store (a writable object store; not HTTP)."""
+        return self.writable
+
+    def put_lock(self, name: str, body: bytes) -> None:
+        """Write (or rewrite, which refreshes its last-modified time) the lock ``name``."""
+        import obstore
+
+        self._call("lock put", lambda s, p, b: obstore.put(s, p, b), f"{LOCK_DIR}/{name}", body)
+
+    def lock_exists(self, name: str) -> bool:
+        import obstore
+
+        try:
+            self._call("lock head", obstore.head, f"{LOCK_DIR}/{name}")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_locks(self) -> list[tuple[str, float]]:
+        """Every lock object: (name, last-modified time by the server's clock)."""
+        import obstore
+
+        def listing(client: Any) -> list[tuple[str, float]]:
+            found = []
+            for batch in obstore.list(client, prefix=f"{LOCK_DIR}/"):
+                for meta in batch:
+                    name = meta["path"].rsplit("/", 1)[-1]
+                    found.append((name, float(meta["last_modified"].timestamp())))
+            return found
+
+        return self._call("lock list", listing)
+
+    def read_lock(self, name: str) -> bytes | None:
+        """A lock's body, None if it is gone."""
+
+        def attempt(left: float) -> bytes:
+            path = f"{LOCK_DIR}/{name}"
+            return self._read(path, left, MAX_LOCK_BYTES, "a lock", f"{self.url}/{path}")
+
+        try:
+            return self.retry.run(f"{self.url} lock get", attempt)
+        except FileNotFoundError:
+            return None
+
+    def delete_lock(self, name: str) -> None:
+        import obstore
+
+        with contextlib.suppress(FileNotFoundError):
+            self._call("lock delete", obstore.delete, f"{LOCK_DIR}/{name}")
 
     def fetch_file(self, name: str) -> bytes:
         """A whole object by name (an index next to a store), with retries; raises

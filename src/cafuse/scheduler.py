@@ -12,7 +12,9 @@ queue*, ordered by class, then age:
 few of them (``reserved``) take on-demand chunks only, so readahead can never fill every
 slot and make a read wait. A request a read waits for that has not been answered within a
 few times the stores' p95 latency gets a twin (a hedged request, on its own connection);
-the first good copy wins and the other stops after its request under way. A queued flight
+the first good copy wins and the other stops after its request under way. Hedges are
+held to 10% of remote fetches, so a store that is slow because it is loaded is not loaded
+more. A queued flight
 that a read now needs is promoted to on-demand.
 Background classes are admitted only while fewer than ``queue_limit`` of them wait (in the
 local stage or the queue), so memory in flight stays bounded. The deadline belongs to the
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 HEDGE_FACTOR = 3.0  # a read's request unanswered after 3x the p95 latency gets a twin
 HEDGE_MIN = 0.05
 HEDGE_SLOTS = 4
+HEDGE_BUDGET = 0.1  # hedges per remote fetch, at most: a loaded store must not get more load
 
 
 class Priority(IntEnum):
@@ -118,6 +121,7 @@ class FetchScheduler:
         self._hedge_limiter = trio.CapacityLimiter(HEDGE_SLOTS)
         self.hedged = 0
         self.hedge_won = 0
+        self.hedges_skipped = 0  # over the budget
         self.deliver = deliver
         self.remote_slots = max(1, remote_slots)
         self.reserved = min(
@@ -326,6 +330,9 @@ class FetchScheduler:
                 return
             await trio.sleep(delay)
             await flight.promoted.wait()
+            if self.hedged >= HEDGE_BUDGET * sum(self.fetched.values()) + 4:
+                self.hedges_skipped += 1
+                return
             self.hedged += 1
             await attempt(1, self._hedge_limiter)
 
@@ -396,6 +403,7 @@ class FetchScheduler:
             "rejected": self.rejected,
             "hedged": self.hedged,
             "hedge_won": self.hedge_won,
+            "hedges_over_budget": self.hedges_skipped,
             "hedge_delay_ms": None
             if self._hedge_after is None
             else round(self._hedge_after * 1000, 1),

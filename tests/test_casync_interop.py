@@ -75,3 +75,17 @@ def test_casync_index_with_seed_only(
     proc = run_cafuse("extract", index, out, "--seed", f"{index}:{ext4_image}")
     assert sha256_file(out) == sha256_file(ext4_image)
     assert "from stores 0 B" in proc.stdout
+
+
+def test_casync_empty_blob_needs_no_store(tmp_path: Path) -> None:
+    """casync makes no store directory for an empty file: cafuse needs none either."""
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    index, store = tmp_path / "empty.caibx", tmp_path / "absent.castr"
+    assert casync("make", f"--store={store}", index, empty).returncode == 0
+    assert not store.exists()
+    out = tmp_path / "out.img"
+    run_cafuse("extract", index, out)  # default store next to the index: absent
+    assert out.exists() and out.stat().st_size == 0
+    run_cafuse("extract", index, tmp_path / "out2.img", "--store", store)
+    assert (tmp_path / "out2.img").stat().st_size == 0

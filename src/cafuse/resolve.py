@@ -142,7 +142,12 @@ def build_source(
                 f"uses {index.digest}: seeds must be made with the same --digest"
             )
     cache = remote.open_cache()
-    store_objects = open_stores(index_text, stores, remote, required=not seed_objects)
+    # a blob with no chunks needs no store (casync makes none for an empty file)
+    store_objects = (
+        open_stores(index_text, stores, remote, required=not seed_objects)
+        if index.chunk_count
+        else []
+    )
     return ChunkSource(
         index.digest,
         store_objects,

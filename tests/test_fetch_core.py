@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from cafuse.errors import ChunkUnavailable
+from cafuse.errors import ChunkUnavailable, Failure
 from cafuse.scheduler import FetchScheduler, Priority, ShuttingDown
 from cafuse.stores.base import (
     ChunkStore,
@@ -200,6 +200,39 @@ def test_retry_count_is_a_ceiling() -> None:
 # ---------------------------------------------------------------- router: store health
 
 
+def test_a_store_failing_fast_fails_the_chunk_fast() -> None:
+    """Refused connections: once its breaker opens, a chunk that saw the store fail does not
+    sit out the rest of its deadline waiting for the cool-down."""
+    clock = FakeClock()
+    a = ScriptedStore("A", clock, [], then="500")
+    with pytest.raises(ChunkUnavailable) as err:
+        fetch(router(clock, [a], timeout=1000, retries=100), clock)
+    assert "circuit open" in err.value.kinds
+    assert len(a.calls) == FAILURES_TO_OPEN and clock.now < 10
+
+
+class BusyStore(ScriptedStore):
+    """Answers every request with a "slow down" status."""
+
+    status = 503
+
+    def get(self, chunk_id: bytes, timeout: float | None = None) -> bytes | None:
+        self.calls.append((self.clock.now, timeout or 0))
+        self.clock.now += 0.01
+        raise ThrottledStoreError(f"store B: HTTP {self.status}", status=self.status)
+
+
+@pytest.mark.parametrize(("status", "opens"), [(503, True), (429, False)])
+def test_503_counts_towards_the_breaker_429_does_not(status: int, opens: bool) -> None:
+    clock = FakeClock()
+    b = BusyStore("B", clock, [])
+    b.status = status
+    r = router(clock, [b], timeout=60, retries=20)
+    with pytest.raises(ChunkUnavailable):
+        fetch(r, clock)
+    assert (r.health_of(b).state == OPEN) is opens
+
+
 def test_a_dark_store_costs_a_few_timeouts_then_is_skipped_and_recovers() -> None:
     clock = FakeClock()
     dark = ScriptedStore("DARK", clock, [], then="stall")
@@ -261,6 +294,10 @@ class FakeSource:
         self.deadlines: dict[bytes, float] = {}
         self.lock = threading.Lock()
         self.stall_first = False
+        self.stall_ids: set[bytes] = set()
+        self.deadline_first: set[bytes] = set()
+        self.linger: threading.Event | None = None
+        self.hold = threading.Event()
         self.cancelled: list[bytes] = []
         self.p95: float | None = None
         self.router = self  # the scheduler asks the router for the stores' latency
@@ -278,11 +315,18 @@ class FakeSource:
             self.started.append(chunk_id)
             self.deadlines[chunk_id] = deadline
             gate = self.gates[chunk_id]
-            stall = self.stall_first and self.started.count(chunk_id) == 1
+            first = self.started.count(chunk_id) == 1
+            stall = first and (self.stall_first or chunk_id in self.stall_ids)
+            out_of_time = first and chunk_id in self.deadline_first
         if stall:  # a request that never answers, until the fetch is called off
             assert cancel is not None and cancel.wait(10)
             self.cancelled.append(chunk_id)
+            if self.linger is not None:  # ...and its request under way takes a while
+                assert self.linger.wait(10)
             raise ChunkUnavailable(chunk_id, [])
+        if out_of_time:  # a fetch that retries until its deadline, which then passes
+            assert self.hold.wait(10)
+            raise ChunkUnavailable(chunk_id, [Failure("", "deadline", "gave up")])
         if not gate.wait(10):
             raise AssertionError("test never released " + chunk_id.decode())
         return b"R" * size, "remote"
@@ -293,6 +337,9 @@ class FakeSource:
                 self.gates[chunk_id].set()
 
     def release_all(self) -> None:
+        self.hold.set()
+        if self.linger is not None:
+            self.linger.set()
         with self.lock:
             for gate in self.gates.values():
                 gate.set()
@@ -485,3 +532,42 @@ def test_readahead_is_not_hedged_until_a_read_waits() -> None:
         assert source.started == [b"r", b"r"]
 
     run_scheduler_sync(source, test)
+
+
+def test_threads_left_by_lost_hedge_races_do_not_block_reads() -> None:
+    source = FakeSource()
+    source.p95 = 0.005
+    source.linger = threading.Event()  # a stalled request's thread ends only at test end
+    source.stall_ids = {b"s0", b"s1", b"s2", b"s3"}
+    source.release(b"s0", b"s1", b"s2", b"s3", b"next")
+
+    async def test(s: FetchScheduler) -> None:
+        reads = s.request(ids("s", 4), Priority.ON_DEMAND)
+        with trio.fail_after(5):
+            for read in reads:
+                assert read is not None and await read.wait() == b"R" * 10
+        await until(lambda: len(source.cancelled) == 4)  # 4 threads still busy
+        (read,) = s.request([(b"next", 10)], Priority.ON_DEMAND)
+        assert read is not None
+        with trio.fail_after(2):  # not behind the 4 stragglers
+            assert await read.wait() == b"R" * 10
+
+    run_scheduler_sync(source, test, remote_slots=4, reserved=1)
+
+
+def test_a_read_joining_a_background_fetch_gets_its_own_deadline() -> None:
+    source = FakeSource()
+    source.deadline_first = {b"r"}
+    source.release(b"r")
+
+    async def test(s: FetchScheduler) -> None:
+        (ahead,) = s.request([(b"r", 10)], Priority.READAHEAD)
+        assert ahead is not None
+        await until(lambda: b"r" in source.started)
+        s.request([(b"r", 10)], Priority.ON_DEMAND)  # a read arrives during the fetch
+        source.hold.set()  # ...which then runs out of its deadline
+        with trio.fail_after(5):
+            assert await ahead.wait() == b"R" * 10  # tried again, not EIO
+        assert source.started == [b"r", b"r"]
+
+    run_scheduler_sync(source, test, hedge=False)

@@ -172,6 +172,9 @@ class ChunkSource:
                 )
             except ChunkUnavailable as exc:
                 answers.put(exc)
+            except BaseException as exc:  # a bug must not leave the start-up waiting
+                answers.put(ChunkUnavailable(chunk_id, [Failure(store.url, "error", str(exc))]))
+                raise
 
         for store in self.router.stores:  # daemon threads: a stalled one must not hold exit
             threading.Thread(target=ask, args=(store,), daemon=True).start()

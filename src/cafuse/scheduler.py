@@ -11,7 +11,7 @@ queue*, ordered by class, then age:
 ``remote_slots`` worker tasks serve the queue, each one chunk at a time in a thread; a
 few of them (``reserved``) take on-demand chunks only, so readahead can never fill every
 slot and make a read wait. A request a read waits for that has not been answered within a
-few times the stores' p95 latency gets a twin (a hedged request, on its own connection);
+few times the stores' p95 latency gets a twin (a hedged request, on another pooled connection);
 the first good copy wins and the other stops after its request under way. Hedges are
 held to 10% of remote fetches, so a store that is slow because it is loaded is not loaded
 more. A queued flight
@@ -73,6 +73,7 @@ class Flight:
         "error",
         "priority",
         "promoted",
+        "promoted_at",
         "size",
         "state",
     )
@@ -86,6 +87,7 @@ class Flight:
         self.counted = False  # towards the bound of background chunks not yet fetching
         self.done = trio.Event()
         self.promoted = trio.Event()  # set once a read waits for it
+        self.promoted_at = 0.0
         if priority == Priority.ON_DEMAND:
             self.promoted.set()
         self.data: bytes | None = None
@@ -118,7 +120,10 @@ class FetchScheduler:
         self.hedge = hedge and source.has_remote
         self._hedge_after: float | None = None
         self._since_hedge_refresh = 0
-        self._hedge_limiter = trio.CapacityLimiter(HEDGE_SLOTS)
+        # threads, not fetches: a fetch that lost a hedge race is abandoned and its thread
+        # ends after its request under way (bounded by the request timeout); the worker
+        # tasks bound the fetches, these only bound the threads, stragglers included
+        self._hedge_limiter = trio.CapacityLimiter(HEDGE_SLOTS * 4)
         self.hedged = 0
         self.hedge_won = 0
         self.hedges_skipped = 0  # over the budget
@@ -132,7 +137,7 @@ class FetchScheduler:
         self.timeout = timeout if timeout is not None else source.policy.timeout
         self.clock = clock
         self._local_limiter = trio.CapacityLimiter(max(1, local_slots))
-        self._remote_limiter = trio.CapacityLimiter(self.remote_slots)
+        self._remote_limiter = trio.CapacityLimiter(self.remote_slots * 4)
         self._flights: dict[bytes, Flight] = {}
         self._heap: list[tuple[int, int, Flight]] = []
         self._seq = itertools.count()
@@ -217,6 +222,7 @@ class FetchScheduler:
         if priority == Priority.ON_DEMAND:
             self._uncount(flight)
             flight.promoted.set()
+            flight.promoted_at = self.clock()
         if flight.state == QUEUED:
             self._queued[flight.priority] -= 1
             self._queued[priority] += 1
@@ -284,6 +290,8 @@ class FetchScheduler:
             self._queued[priority] -= 1
             self._uncount(flight)
             flight.state = REMOTE
+            if priority != Priority.ON_DEMAND:  # its deadline starts when its fetch does
+                flight.deadline = self.clock() + self.timeout
             return flight
         return None
 
@@ -359,7 +367,25 @@ class FetchScheduler:
             self.active_remote[priority] -= 1
             if data is None and error is None:  # cancelled at shutdown
                 error = ShuttingDown("the mount is shutting down")
-            self._finish(flight, data, error)
+            if self._read_deserves_another_try(flight, priority, error):
+                flight.deadline = flight.promoted_at + self.timeout
+                self._enqueue(flight)
+            else:
+                self._finish(flight, data, error)
+
+    def _read_deserves_another_try(
+        self, flight: Flight, started_as: Priority, error: Exception | None
+    ) -> bool:
+        """A read joined a background fetch under way, which then ran out of its own
+        deadline: the read still has its full ``timeout``, so the chunk goes again."""
+        return (
+            isinstance(error, ChunkUnavailable)
+            and "deadline" in error.kinds
+            and started_as != Priority.ON_DEMAND
+            and flight.priority == Priority.ON_DEMAND
+            and self._closed is None
+            and flight.promoted_at + self.timeout > self.clock() + 1.0
+        )
 
     def _hedge_delay(self) -> float | None:
         """A few times the stores' p95 latency, refreshed every 64 fetches; None (no

@@ -30,9 +30,12 @@ class ThrottledStoreError(TransientStoreError):
 
     kind = "throttled"
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status  # 503 also counts towards the breaker: a dead backend says it
 
 
 class CorruptChunkError(StoreError):

@@ -119,10 +119,14 @@ class StoreHealth:
             ):
                 self._open(now, BASE_COOLDOWN)
 
-    def throttled(self) -> None:
-        """The store said "slow down" (429/503). Not a breaker failure: the store is alive.
-        The chunk that got it backs off (``RetryPolicy.backoff``); every thread doing so
-        lowers the request rate by as much as the store refuses."""
+    def throttled(self, counts_as_failure: bool = False) -> None:
+        """The store said "slow down" (429/503). The chunk that got it backs off
+        (``RetryPolicy.backoff``); every thread doing so lowers the request rate by as much
+        as the store refuses. A 429 is no breaker failure (the store is alive and says so);
+        a 503 is, since a balancer with no live backend answers nothing else."""
+        if counts_as_failure:
+            self.failure("throttled")
+            return
         with self._lock:
             self.errors["throttled"] = self.errors.get("throttled", 0) + 1
             self._trial_in_flight = False

@@ -18,6 +18,7 @@ in ``cafuse.locks``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from .retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 MAX_INDEX_BYTES = 1 << 30  # an index of 26 million chunks; larger ones are refused
+INDEX_TIMEOUT = 600.0  # seconds for an index download, every try included
 DEFAULT_MAX_BLOB = (128 << 20) + (4 << 20)  # casync's largest chunk, compressed worst case
 # request timeouts come from a few clients, one per power of two of seconds: obstore sets
 # the timeout per client, and an attempt must end when its chunk's deadline says so
@@ -110,7 +112,9 @@ def classify(exc: BaseException, where: str) -> StoreError:
         return StoreError(f"{where}: changed on the server ({reason})")
     if status is not None:
         if status in (429, 503):
-            return ThrottledStoreError(message)
+            return ThrottledStoreError(message, status=status)
+        if status in (501, 505):  # the server will never do this: not worth a retry
+            return StoreError(f"{message} (the server cannot serve GET here: check the URL)")
         if status >= 500 or status == 408:
             return TransientStoreError(message)
         return StoreError(f"{message} (check the URL)")
@@ -235,7 +239,12 @@ class ObjectChunkStore(ChunkStore):
                     )
                 parts.append(bytes(part))
             return b"".join(parts)
-        except (FileNotFoundError, StoreError):
+        except StoreError:
+            raise
+        except FileNotFoundError as exc:
+            status, _, _ = _cause(exc)
+            if status not in (None, 404):  # object_store calls 405 "not found" too
+                raise classify(exc, where) from None
             raise
         except Exception as exc:
             raise classify(exc, where) from None
@@ -436,7 +445,9 @@ class ObjectChunkStore(ChunkStore):
         def attempt(left: float) -> bytes:
             return self._read(name, left, MAX_INDEX_BYTES, "an index", f"{self.url}/{name}")
 
+        # a whole file may take far longer than a chunk: give each try minutes, not seconds
+        policy = dataclasses.replace(self.retry, timeout=max(self.retry.timeout, INDEX_TIMEOUT))
         try:
-            return self.retry.run(f"{self.url}/{name}", attempt)
+            return policy.run(f"{self.url}/{name}", attempt)
         except FileNotFoundError:
             raise StoreError(f"{self.url}/{name}: not found (HTTP 404)") from None

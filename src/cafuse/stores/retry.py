@@ -1,7 +1,7 @@
 """The retry rules, in one place: one deadline per operation, attempts capped at the time
 left, exponential backoff with full jitter, a store's own "slow down" honoured.
 
-The chunk fetch path (``remote.py``) applies them across stores; ``RetryPolicy.run`` applies
+The chunk fetch path (``router.py``) applies them across stores; ``RetryPolicy.run`` applies
 them to single-store operations (index downloads, uploads, listings).
 """
 

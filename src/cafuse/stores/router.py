@@ -9,9 +9,10 @@ round the tiers:
   said so, the chunk is unavailable at once, without retries;
 - a transient failure (connection, timeout, 5xx, a cut or corrupt body) hands over to the
   next store at once; when a whole round failed, the next round waits a backoff with full
-  jitter; a chunk that got "slow down" (429/503) waits at least a second, doubling;
+  jitter, a longer one after "slow down" (429/503); at most ``retries`` rounds;
 - a permanent failure (401, 403, other 4xx, a bad URL) drops the store for this chunk;
-- a store whose circuit breaker is open is skipped (see ``health.py``);
+- a store whose circuit breaker is open is skipped (see ``health.py``); when every store
+  left is open and each failed this chunk already, the chunk gives up at once;
 - every attempt is capped at the time left before the chunk's deadline, and nothing runs
   past it.
 
@@ -77,6 +78,10 @@ class RemoteRouter:
         failures: list[Failure] = []
         # stores out of the running for this chunk
         done: set[int] = {id(s) for s in self.stores if only is not None and s is not only}
+        failed: set[int] = set()  # stores that failed this chunk (transiently) at least once
+        out_of_time = Failure(
+            "", "deadline", f"gave up after {self.policy.timeout:g} s (--timeout)"
+        )
         retry = 0
         while True:
             attempted, throttled = False, None
@@ -84,55 +89,54 @@ class RemoteRouter:
                 if cancel is not None and cancel.is_set():
                     failures.append(Failure("", "cancelled", "fetched by another request"))
                     raise ChunkUnavailable(chunk_id, failures)
+                timeout = self.policy.attempt_timeout(deadline - self.clock())
+                if timeout <= 0.001:
+                    raise ChunkUnavailable(chunk_id, [*failures, out_of_time])
                 health = self.health_of(store)
                 if not health.acquire():
                     continue
-                left = deadline - self.clock()
-                timeout = self.policy.attempt_timeout(left)
                 if health.state == HALF_OPEN:
                     usual = health.ewma_latency or 0.0
                     timeout = min(timeout, max(TRIAL_TIMEOUT, 4 * usual))
-                if timeout <= 0.001:
-                    health.release()
-                    break
                 attempted = True
                 outcome = self._attempt(store, health, chunk_id, timeout, decode, failures)
                 if isinstance(outcome, tuple):
                     return outcome
                 if outcome in ("not found", "permanent"):
                     done.add(id(store))
-                elif outcome == "throttled" and throttled is None:
-                    throttled = self._throttles[id(store)]
+                else:
+                    failed.add(id(store))
+                    if outcome == "throttled" and throttled is None:
+                        throttled = self._throttles[id(store)]
             remaining = self._candidates(done)
             if not remaining:
                 raise ChunkUnavailable(chunk_id, failures)
+            if retry == self.policy.retries:
+                failures.append(
+                    Failure("", "deadline", f"gave up after {retry} retries (--retries)")
+                )
+                raise ChunkUnavailable(chunk_id, failures)
+            retry += 1
             now = self.clock()
             if attempted:
-                if retry == self.policy.retries:
-                    failures.append(
-                        Failure("", "deadline", f"gave up after {retry} retries (--retries)")
-                    )
-                    raise ChunkUnavailable(chunk_id, failures)
-                pause = self.policy.backoff(retry, throttled)
-                retry += 1
+                pause = self.policy.backoff(retry - 1, throttled)
                 for store in remaining:
                     self.health_of(store).retried()
-            else:  # every store left is resting (breaker open)
-                earliest = min(self.health_of(s).available_at() for s in remaining)
-                # a half-open store's trial is under way elsewhere: look again shortly
-                pause = min(max(0.0, earliest - now), self.policy.max_backoff)
+            else:  # every store left is resting (breaker open, or a trial under way)
                 if not failures or failures[-1].kind != "circuit open":
-                    failures.append(_resting(remaining, self))
+                    failures.append(_resting(remaining))
+                if all(id(s) in failed for s in remaining):
+                    # each failed this very chunk and is now judged dead: waiting for its
+                    # cool-down would only spend the rest of the deadline
+                    raise ChunkUnavailable(chunk_id, failures)
+                earliest = min(self.health_of(s).available_at() for s in remaining)
+                pause = min(max(0.0, earliest - now), self.policy.max_backoff)
             if now + pause >= deadline:
-                break
+                raise ChunkUnavailable(chunk_id, [*failures, out_of_time])
             if cancel is not None:
                 cancel.wait(pause)
             else:
                 self.sleep(pause)
-        failures.append(
-            Failure("", "deadline", f"gave up after {self.policy.timeout:g} s (--timeout)")
-        )
-        raise ChunkUnavailable(chunk_id, failures)
 
     def _candidates(self, done: set[int]) -> list[ChunkStore]:
         out: list[ChunkStore] = []
@@ -157,7 +161,7 @@ class RemoteRouter:
         try:
             blob = store.get(chunk_id, timeout=timeout)  # type: ignore[call-arg]
         except ThrottledStoreError as exc:
-            health.throttled()
+            health.throttled(counts_as_failure=exc.status == 503)
             self._throttles[id(store)] = exc
             failures.append(Failure(store.url, "throttled", str(exc)))
             return "throttled"
@@ -197,7 +201,7 @@ class RemoteRouter:
         return {store.url: self.health_of(store).snapshot() for store in self.stores}
 
 
-def _resting(stores: list[ChunkStore], router: RemoteRouter) -> Failure:
+def _resting(stores: list[ChunkStore]) -> Failure:
     names = ", ".join(s.url for s in stores)
     return Failure(
         names,

@@ -545,7 +545,9 @@ def test_small_shared_cache_stays_within_its_bound(tmp_path: Path) -> None:
     usage = store.usage()
     assert bound // 2 < usage <= bound
     ledger, _ = store._read_ledger()
-    assert ledger == usage
+    # a chunk linked in while the other process scans is counted by both until the next
+    # scan (or one evicted under a concurrent delete, by neither): a few chunks at most
+    assert ledger is not None and abs(ledger - usage) <= 4 * 10_000
 
 
 def test_cache_writes_rarely_rescan_the_cache(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ under an exclusive ``flock`` on ``.cafuse-cache.lock``. A write costs a lock and
 read and write; only when the ledger goes over the bound is the directory scanned, and
 then least recently used chunks are evicted down to ``EVICT_TO`` of the bound, so scans
 stay rare (one per fifth of the bound written). A scan also happens after a whole bound's
-worth of writes, which corrects any drift (chunks removed or added by other means).
+worth of writes, which corrects any drift: chunks removed or added by other means, or a
+chunk linked in by one process while another scans (counted twice until the next scan).
 """
 
 from __future__ import annotations

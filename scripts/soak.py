@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import build_tree, mkfs_ext4  # noqa: E402  (the tests' implementations)
-from mounting import drop_page_cache, unmount  # noqa: E402
+from mounting import drop_page_cache, unmount, wait_for_mount  # noqa: E402
 from servers import Faults, faulty_server  # noqa: E402
 
 CAFUSE = [str(ROOT / ".venv/bin/python"), "-m", "cafuse"]
@@ -113,11 +113,10 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             try:
-                deadline = time.monotonic() + 60
-                while not os.path.ismount(mnt):
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("soak: the mount did not come up")
-                    time.sleep(0.05)
+                try:
+                    wait_for_mount(mnt, daemon)
+                except RuntimeError as exc:
+                    raise SystemExit(f"soak: {exc}") from None
                 blob = mnt / "image"
                 tally = Tally()
                 started = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,30 @@ def unmount(mountpoint: Path) -> None:
         deadline = time.monotonic() + 5
         while os.path.ismount(mountpoint) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def wait_for_mount(mountpoint: Path, daemon: subprocess.Popen, timeout: float = 60) -> None:
+    """Until a daemon started with ``cafuse mount -f`` has its mount live; an error if it
+    exits or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(mountpoint):
+        if daemon.poll() is not None:
+            raise RuntimeError(f"mount daemon exited with {daemon.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mountpoint}: no mount after {timeout} s")
+        time.sleep(0.05)
+
+
+def pread_command(path: Path, offset: int, size: int = 4096) -> list[str]:
+    """A child process that reads ``size`` bytes at ``offset`` of ``path`` and prints the
+    errno it got (nothing on success): a read that may block, kept out of the test."""
+    return [
+        sys.executable,
+        "-c",
+        f"import os; fd = os.open({str(path)!r}, os.O_RDONLY)\n"
+        f"try: os.pread(fd, {size}, {offset})\n"
+        "except OSError as e: print(e.errno)",
+    ]
 
 
 @contextlib.contextmanager

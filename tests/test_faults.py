@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from helpers import assert_user_error, run_cafuse, sha256_file
-from mounting import mounted, unmount
+from mounting import mounted, pread_command, unmount, wait_for_mount
 from servers import Faults, dark_listener, faulty_server
 
 from cafuse.index import read_index
@@ -211,13 +211,7 @@ def test_stalled_server_fails_in_bounded_time(made_image, tmp_path: Path) -> Non
         with mounted(index, mnt, "--store", url, "--timeout", "3", "--retries", "1") as blob:
             offset = int(read_index(index).ends[40])
             reader = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    f"import os; fd = os.open({str(blob)!r}, os.O_RDONLY)\n"
-                    f"try: os.pread(fd, 4096, {offset})\n"
-                    "except OSError as e: print(e.errno)",
-                ],
+                pread_command(blob, offset),
                 capture_output=True,
                 text=True,
                 timeout=HANG_GUARD,
@@ -256,21 +250,12 @@ def test_sigterm_does_not_wait_for_a_stalled_fetch(made_image, tmp_path: Path) -
             text=True,
         )
         try:
+            wait_for_mount(mnt, daemon)
             deadline = time.monotonic() + 60
-            while not os.path.ismount(mnt):
-                assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
-                assert time.monotonic() < deadline, "mount did not appear"
-                time.sleep(0.05)
             (name,) = os.listdir(mnt)
             offset = int(read_index(index).ends[40])
             reader = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    f"import os; fd = os.open({str(mnt / name)!r}, os.O_RDONLY)\n"
-                    f"try: os.pread(fd, 4096, {offset})\n"
-                    "except OSError as e: print(e.errno)",
-                ],
+                pread_command(mnt / name, offset),
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -325,13 +310,7 @@ def test_a_server_claiming_a_huge_body_is_refused_before_reading_it(
         with mounted(index, mnt, "--store", url, "--timeout", "3") as blob:
             offset = int(read_index(index).ends[40])
             reader = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    f"import os; fd = os.open({str(blob)!r}, os.O_RDONLY)\n"
-                    f"try: os.pread(fd, 4096, {offset})\n"
-                    "except OSError as e: print(e.errno)",
-                ],
+                pread_command(blob, offset),
                 capture_output=True,
                 text=True,
                 timeout=HANG_GUARD,

@@ -124,12 +124,9 @@ class ChunkSource:
         deadline: float,
         failures: list[Failure] | None = None,
         *,
-        keep: bool = False,
         cancel: threading.Event | None = None,
     ) -> tuple[bytes, str]:
-        """From the remote stores, by ``deadline``, or ChunkUnavailable. With ``keep`` the
-        chunk is held for the next ``get`` of it, which files it in the cache (the start-up
-        probe's chunk: the job then counts it as its own)."""
+        """From the remote stores, by ``deadline``, or ChunkUnavailable."""
         failures = failures if failures is not None else []
         if not self.router:
             self.stats.error("unavailable")
@@ -145,19 +142,14 @@ class ChunkSource:
             raise ChunkUnavailable(chunk_id, failures + exc.failures) from None
         self.stats.latency(time.monotonic() - started)
         self.stats.add(store.url, size, len(blob))
-        if keep:
-            self._kept = (chunk_id, data, blob, store.url)
-        else:
-            self._to_cache(chunk_id, blob)
+        self._to_cache(chunk_id, blob)
         return data, store.url
 
     def probe(self, chunk_id: bytes, size: int, deadline: float) -> None:
-        """Fetch one chunk from every remote store at once and keep the first good copy
-        for the job; ChunkUnavailable with every store's reason when none delivers. A dead
-        first store so costs the start-up nothing when another store answers."""
-        if len(self.router.stores) < 2:
-            self.get_remote(chunk_id, size, deadline, keep=True)
-            return
+        """Fetch one chunk from every remote store at once and hold the first good copy for
+        the next ``get`` of it, which files it in the cache (the job counts it as its own);
+        ChunkUnavailable with every store's reason when none delivers. A dead first store
+        so costs the start-up nothing when another store answers."""
         answers: queue.Queue[tuple[bytes, bytes, ChunkStore] | ChunkUnavailable] = queue.Queue()
 
         def ask(store: ChunkStore) -> None:

@@ -169,12 +169,10 @@ def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None
     """
     if not source.has_remote or not index.chunk_count:
         return
-    zero = index.zero_mask
-    candidates = index.distinct_positions()
-    candidates = candidates[~zero[candidates]]
-    if not len(candidates):
+    wanted = ~index.zero_mask  # the first chunk that is not zeros: the first one fetched
+    if not wanted.any():
         return
-    first = int(candidates[0])
+    first = int(wanted.argmax())
     chunk_id = index.chunk_id(first)
     start, end = index.span(first)
     if source.get_local(chunk_id, end - start) is not None:

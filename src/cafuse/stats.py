@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,17 +43,21 @@ class FetchStats:
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            lat = np.array(self.latencies, dtype=float)
-            percentiles = (
-                {f"p{p}": round(float(np.percentile(lat, p)) * 1000, 3) for p in (50, 90, 99)}
-                if len(lat)
-                else {}
-            )
             return {
                 "origins": {name: vars(c).copy() for name, c in self.origins.items()},
                 "errors": dict(self.errors),
-                "fetch_latency_ms": percentiles | {"samples": len(lat)},
+                "fetch_latency_ms": latency_ms(self.latencies, (50, 90, 99)),
             }
+
+
+def latency_ms(seconds: Iterable[float], percentiles: Iterable[int]) -> dict[str, float]:
+    """``{"p50": ms, ..., "samples": n}`` of latencies given in seconds."""
+    lat = np.fromiter(seconds, dtype=float)
+    out: dict[str, float] = {"samples": len(lat)}
+    if len(lat):
+        for p in percentiles:
+            out[f"p{p}"] = round(float(np.percentile(lat, p)) * 1000, 3)
+    return out
 
 
 def store_lines(stores: dict[str, dict]) -> list[str]:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..stats import latency_ms
+
 FAILURES_TO_OPEN = 5  # in a row, and no answer for ``silence`` seconds: a flaky store that
 # still answers, or whose requests all hit stalls shorter than a request timeout, is alive
 BASE_COOLDOWN = 2.0
@@ -163,12 +165,6 @@ class StoreHealth:
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            lat = np.array(self._latencies, dtype=float)
-            latency = (
-                {f"p{p}": round(float(np.percentile(lat, p)) * 1000, 2) for p in (50, 95, 99)}
-                if len(lat)
-                else {}
-            )
             return {
                 "state": self.state,
                 "requests": self.requests,
@@ -178,5 +174,5 @@ class StoreHealth:
                 "retries": self.retries,
                 "errors": dict(self.errors),
                 "times_opened": self.times_opened,
-                "latency_ms": latency | {"samples": len(lat)},
+                "latency_ms": latency_ms(self._latencies, (50, 95, 99)),
             }

@@ -56,7 +56,6 @@ class RemoteRouter:
         # a congested link makes, is no reason to give up on a store)
         silence = self.policy.attempt_timeout(self.policy.timeout) / 2
         self.health = {id(store): StoreHealth(store.url, clock, silence) for store in self.stores}
-        self._throttles: dict[int, ThrottledStoreError] = {}
 
     def __bool__(self) -> bool:
         return bool(self.stores)
@@ -75,6 +74,7 @@ class RemoteRouter:
         """(data, stored bytes, store) of a verified copy, or ChunkUnavailable. Setting
         ``cancel`` stops the fetch after the request under way (a hedge lost the race);
         ``only`` asks that one store alone."""
+        throttled: ThrottledStoreError | None
         failures: list[Failure] = []
         # stores out of the running for this chunk
         done: set[int] = {id(s) for s in self.stores if only is not None and s is not only}
@@ -106,8 +106,8 @@ class RemoteRouter:
                     done.add(id(store))
                 else:
                     failed.add(id(store))
-                    if outcome == "throttled" and throttled is None:
-                        throttled = self._throttles[id(store)]
+                    if isinstance(outcome, ThrottledStoreError):
+                        throttled = throttled or outcome
             remaining = self._candidates(done)
             if not remaining:
                 raise ChunkUnavailable(chunk_id, failures)
@@ -155,16 +155,15 @@ class RemoteRouter:
         timeout: float,
         decode: Decode,
         failures: list[Failure],
-    ) -> tuple[bytes, bytes, ChunkStore] | str:
-        """One request; the outcome's kind, or the result."""
+    ) -> tuple[bytes, bytes, ChunkStore] | ThrottledStoreError | str:
+        """One request: the result, the store's "slow down", or the outcome's kind."""
         started = self.clock()
         try:
             blob = store.get(chunk_id, timeout=timeout)  # type: ignore[call-arg]
         except ThrottledStoreError as exc:
             health.throttled(counts_as_failure=exc.status == 503)
-            self._throttles[id(store)] = exc
             failures.append(Failure(store.url, "throttled", str(exc)))
-            return "throttled"
+            return exc
         except CorruptChunkError as exc:
             health.failure("corrupt")
             failures.append(Failure(store.url, "corrupt", str(exc)))

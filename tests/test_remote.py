@@ -541,6 +541,7 @@ def test_s3_gc_spares_young_chunks(seaweed: SeaweedFS, tmp_path: Path) -> None:
     out = run_cafuse("gc", store, keep, "--grace", "15m", env=env).stdout
     assert f"deleted 0; spared {dropped}" in out
     assert "would delete 0" in run_cafuse("gc", store, keep, "-n", "--grace", "1m", env=env).stdout
+    time.sleep(1.1)  # whole-second Last-Modified: let the newest chunks turn 1 s old
     out = run_cafuse("gc", store, keep, "--grace", "0", env=env).stdout
     assert f"deleted {dropped}" in out
     assert "0 missing, 0 corrupt" in run_cafuse("verify", keep, "--store", store, env=env).stdout

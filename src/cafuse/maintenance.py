@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunktable import Batch, ChunkTable, whole_table_step
 from .digest import hash_function
+from .distinct import DistinctKeys
 from .errors import CafuseError
 from .fetch import decode
-from .index import Index
 from .locks import LockEntry, NoLock, StoreLock, blocking_locks, store_lock
 from .progress import Progress
 from .sizes import format_duration
@@ -23,10 +24,20 @@ from .stores.local import CorruptChunk
 log = logging.getLogger(__name__)
 
 
-def index_info(index: Index) -> dict[str, object]:
-    sizes = index.sizes
-    distinct = index.distinct_positions()
-    zero = index.zero_mask
+INFO_DISTINCT_CAP = 8 << 20  # distinct ids counted by info/verify/cache: 64 MB of keys
+
+
+def index_info(index: ChunkTable) -> dict[str, object]:
+    """Header fields and statistics, from one pass over the table in batches."""
+    distinct = DistinctKeys(cap=INFO_DISTINCT_CAP)
+    sizes = SizeHistogram(index.chunk_max)
+    unique_bytes = zero_chunks = zero_bytes = 0
+    for batch in index.batches(whole_table_step(index)):
+        batch_sizes = batch.sizes
+        unique_bytes += int(batch_sizes[distinct.first_seen(batch)].sum())
+        zero_chunks += int(batch.zero.sum())
+        zero_bytes += int(batch_sizes[batch.zero].sum())
+        sizes.add(batch_sizes)
     info: dict[str, object] = {
         "digest": index.digest,
         "flags": f"{index.flags:#018x}",
@@ -35,31 +46,95 @@ def index_info(index: Index) -> dict[str, object]:
         "chunk_size_max": index.chunk_max,
         "chunks": index.chunk_count,
         "blob_size": index.blob_size,
-        "unique_chunks": len(distinct),
-        "unique_bytes": int(sizes[distinct].sum()) if len(distinct) else 0,
-        "zero_chunks": int(zero.sum()),
-        "zero_bytes": int(sizes[zero].sum()),
+        "unique_chunks": distinct.count,
+        "unique_bytes": unique_bytes,
+        "zero_chunks": zero_chunks,
+        "zero_bytes": zero_bytes,
     }
+    if distinct.full:
+        info["unique_note"] = (
+            f"counted up to {distinct.count} distinct ids (memory bound): "
+            "unique_chunks and unique_bytes are at least these"
+        )
     if index.chunk_count:
-        info["chunk_sizes"] = {
-            "smallest": int(sizes.min()),
-            "p10": int(np.percentile(sizes, 10)),
-            "median": int(np.median(sizes)),
-            "mean": int(sizes.mean()),
-            "p90": int(np.percentile(sizes, 90)),
-            "largest": int(sizes.max()),
-        }
+        info["chunk_sizes"] = sizes.summary()
     return info
 
 
-def store_presence(index: Index, store: ChunkStore, threads: int = 16) -> dict[str, int]:
+class SizeHistogram:
+    """Chunk lengths counted per length (or per small bucket when the max is huge): exact
+    percentiles in memory that does not grow with the table."""
+
+    def __init__(self, chunk_max: int) -> None:
+        self.shift = max(int(chunk_max).bit_length() - 22, 0)
+        self.counts = np.zeros((chunk_max >> self.shift) + 1, dtype=np.int64)
+        self.total = 0
+        self.smallest = chunk_max
+        self.largest = 0
+
+    def add(self, sizes: np.ndarray) -> None:
+        if not len(sizes):
+            return
+        self.counts += np.bincount(
+            (sizes >> np.uint64(self.shift)).astype(np.int64), minlength=len(self.counts)
+        )[: len(self.counts)]
+        self.total += int(sizes.sum())
+        self.smallest = min(self.smallest, int(sizes.min()))
+        self.largest = max(self.largest, int(sizes.max()))
+
+    def percentile(self, q: float) -> int:
+        cumulative = np.cumsum(self.counts)
+        rank = q / 100 * (int(cumulative[-1]) - 1)
+        return int(np.searchsorted(cumulative, rank, side="right")) << self.shift
+
+    def summary(self) -> dict[str, int]:
+        n = int(self.counts.sum())
+        return {
+            "smallest": self.smallest,
+            "p10": self.percentile(10),
+            "median": self.percentile(50),
+            "mean": self.total // max(n, 1),
+            "p90": self.percentile(90),
+            "largest": self.largest,
+        }
+
+
+def distinct_positions(
+    index: ChunkTable, *, skip_zero: bool = False
+) -> Iterator[tuple[int, Batch]]:
+    """Batches reduced to the first occurrence of each id (and no zero chunks with
+    ``skip_zero``): the chunks a pass over the store needs, in bounded memory. Each comes
+    with the bytes of the image its whole batch covers (for progress)."""
+    seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
+    for batch in index.batches(whole_table_step(index)):
+        keep = seen.first_seen(batch, ~batch.zero if skip_zero else None)
+        yield int(batch.ends[-1]) - batch.start, _select(batch, keep)
+
+
+def _select(batch: Batch, positions: np.ndarray) -> Batch:
+    """A batch-like view of some chunks of a batch (``first`` is then meaningless)."""
+    selected = Batch(
+        batch.first, batch.start, batch.ends[positions], batch.ids[positions], batch.zero[positions]
+    )
+    selected.__dict__["starts"] = batch.starts[positions]
+    selected.__dict__["sizes"] = batch.sizes[positions]
+    return selected
+
+
+def store_presence(index: ChunkTable, store: ChunkStore, threads: int = 16) -> dict[str, int]:
     """How many distinct chunks the store has and lacks (existence only, not contents)."""
-    distinct = index.distinct_positions()
+    present = total = 0
     with ThreadPoolExecutor(threads) as pool:
-        present = sum(
-            pool.map(lambda pos: store.has(index.chunk_id(int(pos))), distinct, chunksize=256)
-        )
-    return {"present": int(present), "missing": len(distinct) - int(present)}
+        for _, batch in distinct_positions(index):
+            total += len(batch)
+            present += sum(
+                pool.map(
+                    lambda j, batch=batch: store.has(batch.chunk_id(j)),
+                    range(len(batch)),
+                    chunksize=256,
+                )
+            )
+    return {"present": int(present), "missing": total - int(present)}
 
 
 @dataclass
@@ -73,22 +148,22 @@ class VerifyReport:
 
 
 def verify_store(
-    index: Index,
+    index: ChunkTable,
     store: ChunkStore,
     *,
     repair: bool = False,
     threads: int = 8,
     progress: bool | None = None,
 ) -> VerifyReport:
-    """Read every distinct chunk the index names, decompress it and check its digest."""
+    """Read every distinct chunk the index names, decompress it and check its digest
+    (one pass over the table in batches; progress is in bytes of the image)."""
+    seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
     hash_chunk = hash_function(index.digest)
-    distinct = index.distinct_positions()
     report = VerifyReport()
-    bar = Progress(len(distinct), "verify", progress)
+    bar = Progress(index.blob_size, "verify", progress)
 
-    def check(pos: int) -> tuple[bytes, str]:
-        chunk_id = index.chunk_id(pos)
-        start, end = index.span(pos)
+    def check(job: tuple[bytes, int]) -> tuple[bytes, str]:
+        chunk_id, size = job
         try:
             blob = store.get(chunk_id)
         except CorruptChunk as exc:
@@ -99,27 +174,30 @@ def verify_store(
         if blob is None:
             return chunk_id, "missing"
         try:
-            decode(blob, chunk_id, end - start, hash_chunk)
+            decode(blob, chunk_id, size, hash_chunk)
         except ValueError:
             return chunk_id, "corrupt"
         return chunk_id, "ok"
 
     with ThreadPoolExecutor(threads) as pool:
-        for chunk_id, verdict in pool.map(check, distinct.tolist(), chunksize=64):
-            report.checked += 1
-            bar.update(1)
-            if verdict == "missing":
-                report.missing.append(chunk_id)
-            elif verdict == "corrupt":
-                report.corrupt.append(chunk_id)
-                log.info("chunk %s corrupt", chunk_id.hex())
-                if repair:
-                    store.delete(chunk_id)
-                    report.repaired += 1
-            elif verdict != "ok":
-                report.unreadable.append(chunk_id)
-                report.first_error = report.first_error or verdict.removeprefix("error: ")
-                log.info("chunk %s %s", chunk_id.hex(), verdict)
+        for batch in index.batches(whole_table_step(index)):
+            bar.update(int(batch.sizes.sum()))
+            keep = seen.first_seen(batch)
+            jobs = [(batch.chunk_id(j), int(batch.sizes[j])) for j in keep.tolist()]
+            for chunk_id, verdict in pool.map(check, jobs, chunksize=64):
+                report.checked += 1
+                if verdict == "missing":
+                    report.missing.append(chunk_id)
+                elif verdict == "corrupt":
+                    report.corrupt.append(chunk_id)
+                    log.info("chunk %s corrupt", chunk_id.hex())
+                    if repair:
+                        store.delete(chunk_id)
+                        report.repaired += 1
+                elif verdict != "ok":
+                    report.unreadable.append(chunk_id)
+                    report.first_error = report.first_error or verdict.removeprefix("error: ")
+                    log.info("chunk %s %s", chunk_id.hex(), verdict)
     bar.close()
     return report
 
@@ -140,7 +218,7 @@ class GcReport:
 
 def collect_garbage(
     store: ChunkStore,
-    indexes: Iterable[Index],
+    indexes: Iterable[ChunkTable],
     *,
     dry_run: bool = False,
     grace: float = DEFAULT_GRACE,
@@ -158,7 +236,11 @@ def collect_garbage(
     ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never delete
     a referenced one.
     """
-    keys = [index.id_keys() for index in indexes]
+    referenced = DistinctKeys()  # exact: a chunk is deleted only when no index names it
+    for index in indexes:
+        for batch in index.batches(whole_table_step(index)):
+            referenced.first_seen(batch)
+    keys = [referenced.sorted_keys()]
     if dry_run:
         report = GcReport(blocking=blocking_locks(store, "gc"))
         return _collect(store, keys, grace, True, report, None)

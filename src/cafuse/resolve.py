@@ -30,6 +30,7 @@ from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_NAME = "default.castr"
+PROBE_SCAN = 4096  # chunks looked at for the first one that is not zeros
 INDEX_DIR = "indexes"
 
 
@@ -169,10 +170,11 @@ def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None
     """
     if not source.has_remote or not index.chunk_count:
         return
-    wanted = ~index.zero_mask  # the first chunk that is not zeros: the first one fetched
-    if not wanted.any():
+    # the first chunk that is not zeros: the first one fetched (looked for near the start
+    # only: no pass over a huge table before the mount appears)
+    first = next((i for i in range(min(index.chunk_count, PROBE_SCAN)) if not index.is_zero(i)), -1)
+    if first < 0:
         return
-    first = int(wanted.argmax())
     chunk_id = index.chunk_id(first)
     start, end = index.span(first)
     if source.get_local(chunk_id, end - start) is not None:

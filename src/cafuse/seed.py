@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 
+from .chunktable import ChunkTable, whole_table_step
 from .errors import CafuseError
 from .fileio import open_for_reading
-from .index import Index, read_index
+from .index import read_index
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class Seed:
     caller like any other source.
     """
 
-    def __init__(self, index: Index, path: str) -> None:
+    def __init__(self, index: ChunkTable, path: str) -> None:
         self.index = index
         self.path = path
         self.name = f"seed:{path}"
@@ -37,7 +38,8 @@ class Seed:
                 f"seed file {path} is {size} bytes but its index describes "
                 f"{index.blob_size}: pair each seed index with its own file"
             )
-        keys = index.id_keys()
+        parts = [batch.id_keys() for batch in index.batches(whole_table_step(index))]
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype="<u8")
         self._order = np.argsort(keys, kind="stable")
         self._sorted_keys = keys[self._order]
 
@@ -53,10 +55,9 @@ class Seed:
         """Position of ``chunk_id`` in the seed's index, or None."""
         key = int.from_bytes(chunk_id[:8], "little")
         pos = int(self._sorted_keys.searchsorted(np.uint64(key), side="left"))
-        want = np.frombuffer(chunk_id, dtype=np.uint8)
         while pos < len(self._sorted_keys) and int(self._sorted_keys[pos]) == key:
             i = int(self._order[pos])
-            if np.array_equal(self.index.ids[i], want):
+            if self.index.chunk_id(i) == chunk_id:
                 return i
             pos += 1
         return None

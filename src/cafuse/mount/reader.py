@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import trio
 
+from ..chunktable import ChunkTable, PageMissing
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
-from ..index import Index
 from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ChunkCache:
 class BlobReader:
     def __init__(
         self,
-        index: Index,
+        index: ChunkTable,
         source: ChunkSource,
         *,
         memory_cache: int = 256 << 20,
@@ -100,8 +100,8 @@ class BlobReader:
             local_batch=batch,
             hedge=hedge,
         )
-        self._ends = index.ends
-        self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup
+        self._page_loads: dict[int, trio.Event] = {}  # table pages being read, by page
+        self._page_limiter = trio.CapacityLimiter(4)
         self._zeros = memoryview(bytes(index.chunk_max))
         self._streams: dict[int, _Stream] = {}
         self._waiting_reads = 0
@@ -137,24 +137,22 @@ class BlobReader:
         no cancel scope, no nursery. Otherwise the missing chunks' fetches are all started
         first, then awaited in order under one deadline.
         """
-        chunks = self.index.covering(offset, size)
+        chunks = await self._covering(offset, size)
         if not chunks:
             return b""
         self.reads += 1
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
-        ends = self._ends
         if stream is not None and self.readahead:
             self._plan_readahead(stream, offset, end - offset, last + 1)
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
-        chunk_start = int(ends[first - 1]) if first else 0
         for i in range(first, last + 1):
-            chunk_end = int(ends[i])
+            chunk_start, chunk_end = self.index.span(i)
             lo = max(offset, chunk_start) - chunk_start
             hi = min(end, chunk_end) - chunk_start
-            if self._zero[i]:
+            if self.index.is_zero(i):
                 self.served_from["zero"] += hi - lo
                 parts.append(self._zeros[lo:hi])
             else:
@@ -167,7 +165,6 @@ class BlobReader:
                     waiting.append((len(parts), lo, hi))
                     wanted.append((chunk_id, chunk_end - chunk_start))
                     parts.append(self._zeros[:0])
-            chunk_start = chunk_end
         if waiting:
             flights = self.scheduler.request(wanted, Priority.ON_DEMAND)
             self._waiting_reads += 1
@@ -180,6 +177,33 @@ class BlobReader:
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.served_bytes += len(out)
         return out
+
+    async def _covering(self, offset: int, size: int) -> range:
+        """The chunks covering a read; table pages not in memory yet are read in a thread
+        first (one read per page, however many reads wait for it)."""
+        while True:
+            try:
+                return self.index.covering(offset, size, wait=False)
+            except PageMissing as miss:
+                await self._load_page(miss.page, offset, size)
+
+    async def _load_page(self, page: int, offset: int, size: int) -> None:
+        loading = self._page_loads.get(page)
+        if loading is not None:
+            await loading.wait()  # then the caller asks again (and reads it, had it failed)
+            return
+        done = self._page_loads[page] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(
+                self.index.load_page, page, limiter=self._page_limiter, abandon_on_cancel=True
+            )
+        except CafuseError as exc:
+            self.failed_reads += 1
+            log.error("read of %d bytes at %d failed: %s", size, offset, exc)
+            raise ReadFailed(str(exc)) from None
+        finally:
+            del self._page_loads[page]
+            done.set()
 
     async def _await_fetches(
         self,
@@ -242,13 +266,16 @@ class BlobReader:
         first = max(next_chunk, state.ahead_until)
         last = min(next_chunk + state.window, self.index.chunk_count)
         wanted: list[tuple[bytes, int]] = []
-        ends = self._ends
         for i in range(first, last):
-            if self._zero[i]:
+            if not self.index.resident(i):  # its table page is not read yet: the next read
+                last = i  # that needs it reads it
+                break
+            if self.index.is_zero(i):
                 continue
             chunk_id = self.index.chunk_id(i)
             if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
-                wanted.append((chunk_id, int(ends[i]) - (int(ends[i - 1]) if i else 0)))
+                start, stop = self.index.span(i)
+                wanted.append((chunk_id, stop - start))
         if wanted:
             self.scheduler.request(wanted, Priority.READAHEAD)
         state.ahead_until = max(state.ahead_until, last)

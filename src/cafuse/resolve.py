@@ -10,17 +10,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import AtomicFile
+from .chunktable import ChunkTable
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
-from .index import Index, parse_index, read_index
+from .index import Index, read_index, write_index
 from .seed import Seed
 from .sizes import parse_size
 from .stores import (
     CacheStore,
     ChunkStore,
     RetryPolicy,
-    StoreError,
     open_store,
     parse_location,
 )
@@ -64,33 +63,39 @@ class RemoteOptions:
         return CacheStore(self.cache, parse_size(self.cache_size, "--cache-size"))
 
 
-def load_index(text: str, remote: RemoteOptions | None = None) -> Index:
-    """An index from a local path or an http(s)/s3/gs/az URL."""
+def load_index(text: str, remote: RemoteOptions | None = None) -> ChunkTable:
+    """An index from a local path or an http(s)/s3/gs/az URL.
+
+    A large index is not read whole: locally it is memory-mapped, by URL its pages are
+    fetched when first needed (``cafuse.remoteindex``).
+    """
     location = parse_location(text, "index")
     if location.is_local:
         return read_index(location.path)
+    from .remoteindex import open_remote_index
+    from .stores.objectstore import ObjectChunkStore
+
     remote = remote or RemoteOptions()
     directory, name = parent_and_name(location)
     store = remote.open(directory)
+    if not isinstance(store, ObjectChunkStore):
+        raise CafuseError(f"bad index location {location.display!r}: one URL, not a group")
     copy = _cached_index_path(remote, location.url)
     try:
-        raw = store.fetch_file(name)  # type: ignore[attr-defined]
-    except StoreError as exc:
+        index = open_remote_index(
+            store, name, location.display, copy.with_suffix(".pages") if copy else None
+        )
+    except CafuseError as exc:
         if copy is not None and copy.exists():
-            log.warning(
-                "cannot fetch index %s (%s): using the copy in the cache", location.display, exc
-            )
+            log.warning("%s: using the copy in the cache", exc)
             return read_index(copy)
-        raise CafuseError(f"cannot fetch index {location.display}: {exc}") from None
-    index = parse_index(raw, location.display)
-    if copy is not None:
+        raise
+    if copy is not None and isinstance(index, Index):
         try:
             copy.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CafuseError(f"cache {remote.cache}: cannot create: {exc.strerror}") from None
-        file = AtomicFile(copy)
-        file.write(raw)
-        file.commit()
+        write_index(copy, index)
     return index
 
 
@@ -129,7 +134,7 @@ def open_stores(
 
 
 def build_source(
-    index: Index,
+    index: ChunkTable,
     index_text: str,
     stores: list[str] | None,
     seeds: list[str] | None,
@@ -159,7 +164,7 @@ def build_source(
     )
 
 
-def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None:
+def probe_stores(source: ChunkSource, index: ChunkTable, *, offline_ok: bool) -> None:
     """Fail early, with the reason, when the remote stores cannot serve the image at all.
 
     The check is a GET of the first chunk the index needs (no HEAD: many static hosts and

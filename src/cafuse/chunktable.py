@@ -33,6 +33,13 @@ class TableError(CafuseError):
     or could not be fetched: the read that needed it fails."""
 
 
+class PageInvalid(TableError):
+    """A page broke a rule of the format: every read that needs it fails the same way,
+    logged once (``logged`` is set by whoever logged it)."""
+
+    logged = False
+
+
 class PageMissing(Exception):
     """A page the lookup needs is not in memory and the caller asked not to wait."""
 

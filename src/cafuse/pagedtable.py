@@ -27,7 +27,15 @@ from typing import Protocol
 
 import numpy as np
 
-from .chunktable import BATCH_ITEMS, Batch, ChunkTable, PageMissing, TableError, ZeroIds
+from .chunktable import (
+    BATCH_ITEMS,
+    Batch,
+    ChunkTable,
+    PageInvalid,
+    PageMissing,
+    TableError,
+    ZeroIds,
+)
 from .index import (
     HEADER_SIZE,
     ITEM_DTYPE,
@@ -96,6 +104,7 @@ class PagedTable(ChunkTable):
         # the same, sorted for the search: pages and their last ends (both increasing)
         self._known_pages: list[int] = []
         self._known_ends: list[int] = []
+        self._invalid: dict[int, PageInvalid] = {}  # pages that broke a rule
         self._lock = threading.Lock()
         self._zero_ids = ZeroIds(self.digest)
         self.pages_read = 0
@@ -170,6 +179,9 @@ class PagedTable(ChunkTable):
             if page is not None:
                 self._pages.move_to_end(p)
                 return page
+            broken = self._invalid.get(p)
+        if broken is not None:
+            raise broken  # checked before: fails the same way, read no more
         if not wait:
             raise PageMissing(p)
         first = p * self.page_items
@@ -177,7 +189,12 @@ class PagedTable(ChunkTable):
         raw = self.source.read_page(p, ITEMS_OFFSET + ITEM_SIZE * first, ITEM_SIZE * count)
         with self._lock:
             before = self._last_ends.get(p - 1) if p else 0
-        ends, ids, zero = self._check(first, raw, before)
+        try:
+            ends, ids, zero = self._check(first, raw, before)
+        except PageInvalid as exc:
+            with self._lock:
+                self._invalid[p] = exc
+            raise
         page = Page(first, ends, ids, zero)
         with self._lock:
             self.pages_read += 1
@@ -245,8 +262,8 @@ class PagedTable(ChunkTable):
         zero = self._zero_ids.mask(sizes, ids, self.chunk_max)
         return ends, ids, zero
 
-    def _broken(self, rule: str) -> TableError:
-        return TableError(f"{self.source.name}: not a valid casync blob index: {rule}")
+    def _broken(self, rule: str) -> PageInvalid:
+        return PageInvalid(f"{self.source.name}: not a valid casync blob index: {rule}")
 
     # ------------------------------------------------------------------ search
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import AtomicFile
-from .chunktable import ChunkTable, TableError
+from .chunktable import ChunkTable, PageInvalid, TableError
 from .errors import CafuseError
 from .index import IN_MEMORY_MAX_BYTES, ITEM_SIZE, TAIL_SIZE, parse_header, parse_index
 from .pagedtable import ITEMS_OFFSET, PagedTable, last_end
@@ -105,12 +105,15 @@ class RemoteIndex:
         self.pin: Pin | None = None
         self.bytes_fetched = 0
         self.requests = 0
+        self._changed: PageInvalid | None = None
 
     def get(self, start: int, end: int) -> tuple[bytes, Pin]:
         """Bytes ``[start, end)`` (clipped at the end of the object), with retries."""
         import obstore
         import obstore.exceptions as obe
 
+        if self._changed is not None:
+            raise self._changed  # no more requests: every version but the pinned one is wrong
         options: dict[str, Any] = {"range": (start, end)}
         if self.pin is not None:
             options.update(self.pin.options())
@@ -144,11 +147,12 @@ class RemoteIndex:
 
         return self.store.retry.run(self.name, attempt)
 
-    def changed(self, why: str) -> TableError:
-        return TableError(
+    def changed(self, why: str) -> PageInvalid:
+        self._changed = PageInvalid(
             f"index {self.name} changed on the server since it was opened ({why}): reads "
             "that need parts of it not read yet fail; remount to use the new version"
         )
+        return self._changed
 
     def whole(self, limit: int) -> bytes:
         """The whole object, refused past ``limit`` bytes before any body is read."""

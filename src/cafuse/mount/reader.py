@@ -10,6 +10,7 @@ that doubles while the pattern holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -181,13 +182,22 @@ class BlobReader:
     async def _covering(self, offset: int, size: int) -> range:
         """The chunks covering a read; table pages not in memory yet are read in a thread
         first (one read per page, however many reads wait for it)."""
-        while True:
-            try:
-                return self.index.covering(offset, size, wait=False)
-            except PageMissing as miss:
-                await self._load_page(miss.page, offset, size)
+        try:
+            while True:
+                try:
+                    return self.index.covering(offset, size, wait=False)
+                except PageMissing as miss:
+                    await self._load_page(miss.page)
+        except CafuseError as exc:  # a broken or changed table, or one not fetched
+            self.failed_reads += 1
+            # a broken page is named once; the reads that hit it again fail quietly
+            level = logging.DEBUG if getattr(exc, "logged", False) else logging.ERROR
+            log.log(level, "read of %d bytes at %d failed: %s", size, offset, exc)
+            with contextlib.suppress(AttributeError):
+                exc.logged = True  # type: ignore[attr-defined]
+            raise ReadFailed(str(exc)) from None
 
-    async def _load_page(self, page: int, offset: int, size: int) -> None:
+    async def _load_page(self, page: int) -> None:
         loading = self._page_loads.get(page)
         if loading is not None:
             await loading.wait()  # then the caller asks again (and reads it, had it failed)
@@ -197,10 +207,6 @@ class BlobReader:
             await trio.to_thread.run_sync(
                 self.index.load_page, page, limiter=self._page_limiter, abandon_on_cancel=True
             )
-        except CafuseError as exc:
-            self.failed_reads += 1
-            log.error("read of %d bytes at %d failed: %s", size, offset, exc)
-            raise ReadFailed(str(exc)) from None
         finally:
             del self._page_loads[page]
             done.set()

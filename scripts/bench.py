@@ -638,7 +638,18 @@ def bench_wan(work: Path, v1: Path, report: Report) -> None:
     }
 
 
-SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan", "faults", "soak")
+SECTIONS = (
+    "make",
+    "extract",
+    "update",
+    "mount",
+    "startup",
+    "http",
+    "wan",
+    "faults",
+    "soak",
+    "huge",
+)
 
 
 def bench_faults(work: Path, size_mb: int, timeouts: str, report: Report) -> None:
@@ -810,7 +821,7 @@ def main() -> None:
     report = Report()
     only = set(args.only.split(","))
     v1 = v2 = None
-    if only - {"faults", "soak"}:
+    if only - {"faults", "soak", "huge"}:
         print(f"bench: building images in {args.work}", flush=True)
         v1, v2 = build_images(args.work, args.size_mb)
     if "make" in only:
@@ -833,6 +844,8 @@ def main() -> None:
         bench_faults(args.work, args.faults_size_mb, args.faults_timeouts, report)
     if "soak" in only:
         bench_soak(args.soak_minutes, report)
+    if "huge" in only:  # scripts/bench_huge.py: 1M and 16M-chunk indexes, in /var/tmp
+        __import__("bench_huge").bench_huge(report, keep=args.keep)
     write_markdown(report, args, v1, time.monotonic() - started)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)

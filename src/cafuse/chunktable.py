@@ -2,8 +2,8 @@
 
 An index's table maps byte offsets to chunks. Three implementations sit behind this one
 interface: ``cafuse.index.Index`` (small indexes, parsed into memory), and
-``cafuse.pagedtable.PagedTable`` over a memory map of a local file or over ranged GETs of
-a URL (``cafuse.remoteindex``), which read the table a page at a time when first used.
+``cafuse.pagedtable.PagedTable`` over a local file or over ranged GETs of a URL
+(``cafuse.remoteindex``), which read the table a page at a time when first used.
 
 Consumers use only these methods: ``chunk_count``, ``blob_size``, ``chunk_id(i)``,
 ``span(i)``, ``covering(offset, size)``, ``is_zero(i)`` and ``batches()`` for a pass over

@@ -43,8 +43,8 @@ ITEM_SIZE = 40
 TAIL_SIZE = 40
 FIXED_SIZE = HEADER_SIZE + TABLE_HEADER_SIZE + TAIL_SIZE  # 104
 CHUNK_SIZE_LIMIT = 128 * 1024 * 1024
-# indexes up to this size are parsed into memory whole; larger local ones are memory-mapped
-# and read a page at a time (``cafuse.pagedtable``), larger remote ones fetched by pages
+# indexes up to this size are parsed into memory whole; larger ones are read a page at a
+# time when first used (``cafuse.pagedtable``), locally or by URL
 IN_MEMORY_MAX_BYTES = 1 << 20
 
 ITEM_DTYPE = np.dtype([("end", "<u8"), ("id", "u1", (32,))])
@@ -244,16 +244,24 @@ def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> I
 
 def read_index(path: str | os.PathLike[str]) -> ChunkTable:
     """Open a local index file: a small one is parsed whole into memory, a larger one is
-    memory-mapped and its items are checked a page at a time when first used."""
+    read a page at a time when first used (``cafuse.pagedtable``), header and tail now."""
     source = str(path)
     try:
         fd = open_for_reading(source, "index", block_device_ok=False)
         try:
-            if os.fstat(fd).st_size == 0:
+            size = os.fstat(fd).st_size
+            if size == 0:
                 raise _fail(source, "file is empty")
+            if size > IN_MEMORY_MAX_BYTES:
+                from .pagedtable import open_file
+
+                table = open_file(fd, size, source)
+                fd = -1  # the table keeps it
+                return table
             buf: bytes | mmap.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     except FileNotFoundError:
         raise CafuseError(f"{source}: index file not found") from None
     except IsADirectoryError:
@@ -262,10 +270,6 @@ def read_index(path: str | os.PathLike[str]) -> ChunkTable:
         raise CafuseError(f"{source}: permission denied reading the index") from None
     except OSError as exc:
         raise CafuseError(f"{source}: cannot read index: {exc.strerror}") from None
-    if len(buf) > IN_MEMORY_MAX_BYTES:
-        from .pagedtable import open_mapped
-
-        return open_mapped(buf, source)  # type: ignore[arg-type]
     return parse_index(buf, source)
 
 

@@ -1,5 +1,5 @@
-"""A chunk table read a page at a time: from a memory map of a local file, or by ranged
-GETs of a URL (``cafuse.remoteindex``). Nothing is read at open but the header and the
+"""A chunk table read a page at a time: from a local file (``pread``, see ``FilePages``), or
+by ranged GETs of a URL (``cafuse.remoteindex``). Nothing is read at open but the header and the
 tail (with the last item, which gives the blob length).
 
 A page is ``PAGE_ITEMS`` consecutive items (64 KiB of table). It is checked when first
@@ -16,9 +16,8 @@ on the right page or next to it, and a random read costs one or two page reads.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
-import mmap
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -297,39 +296,55 @@ class PagedTable(ChunkTable):
 # ---------------------------------------------------------------------- local files
 
 
-class MappedPages:
-    """Pages of a memory-mapped local index: views on the map, no copies. A streaming pass
-    drops the pages it went through from memory again (madvise), so a pass over a huge
-    table does not leave the whole file resident."""
+class FilePages:
+    """Pages of a local index file, read with ``pread`` when first needed.
 
-    def __init__(self, buf: mmap.mmap, name: str) -> None:
-        self.buf = buf
+    Not views on a memory map: the kernel maps the page cache around each fault in large
+    folios, so views on a map of a 640 MB table grew the daemon by ~340 KB per page
+    touched (390 MB after 200 random reads, measured); a 64 KiB ``pread`` per page costs
+    microseconds and keeps memory to the page LRU.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
         self.name = name
-        self._view = memoryview(buf)
 
-    def read_page(self, page: int, offset: int, length: int) -> memoryview:
-        return self._view[offset : offset + length]
+    def read_page(self, page: int, offset: int, length: int) -> bytes:
+        return self.read_range(offset, length)
 
-    def read_range(self, offset: int, length: int) -> memoryview:
-        return self._view[offset : offset + length]
+    def read_range(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise TableError(f"{self.name}: cannot read the index: {exc.strerror}") from None
+        if len(data) != length:
+            raise TableError(f"{self.name}: the index file shrank while open")
+        return data
 
     def done_with(self, offset: int, length: int) -> None:
-        start = offset - offset % mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):  # only a hint
-            self.buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        pass
 
     def close(self) -> None:
-        pass  # views on the map may still be alive; the map goes with the last of them
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def open_mapped(buf: mmap.mmap, source: str) -> PagedTable:
-    """A table over a memory-mapped index; header, tail and last item checked now."""
-    size = len(buf)
-    header = parse_header(buf, bytes(buf[size - TAIL_SIZE :]), size, source)
-    return PagedTable(header, last_end(buf, size, header, source), MappedPages(buf, source))
+def open_file(fd: int, size: int, source: str) -> PagedTable:
+    """A table over a local index file (``fd`` is the table's from now on): header, tail
+    and last item checked now, the items when first used."""
+    try:
+        head = os.pread(fd, ITEMS_OFFSET, 0)
+        end = os.pread(fd, ITEM_SIZE + TAIL_SIZE, max(size - ITEM_SIZE - TAIL_SIZE, 0))
+        header = parse_header(head, end, size, source)
+        table = PagedTable(header, last_end(end, len(end), header, source), FilePages(fd, source))
+    except BaseException:
+        os.close(fd)
+        raise
+    return table
 
 
-def last_end(buf: bytes | memoryview | mmap.mmap, size: int, header: Header, source: str) -> int:
+def last_end(buf: bytes | memoryview, size: int, header: Header, source: str) -> int:
     """The blob length: the last item's end, read from the bytes before the tail."""
     if not header.count:
         return 0

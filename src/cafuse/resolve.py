@@ -66,8 +66,8 @@ class RemoteOptions:
 def load_index(text: str, remote: RemoteOptions | None = None) -> ChunkTable:
     """An index from a local path or an http(s)/s3/gs/az URL.
 
-    A large index is not read whole: locally it is memory-mapped, by URL its pages are
-    fetched when first needed (``cafuse.remoteindex``).
+    A large index is not read whole: its pages are read (locally) or fetched (by URL,
+    ``cafuse.remoteindex``) when first needed.
     """
     location = parse_location(text, "index")
     if location.is_local:

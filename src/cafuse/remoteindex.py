@@ -35,7 +35,7 @@ from .errors import CafuseError
 from .index import IN_MEMORY_MAX_BYTES, ITEM_SIZE, TAIL_SIZE, parse_header, parse_index
 from .pagedtable import ITEMS_OFFSET, PagedTable, last_end
 from .sizes import format_size
-from .stores.base import StoreError, TransientStoreError
+from .stores.base import CorruptChunkError, StoreError, TransientStoreError
 from .stores.objectstore import INDEX_TIMEOUT, ObjectChunkStore, classify
 
 log = logging.getLogger(__name__)
@@ -280,13 +280,15 @@ def _rangeless(remote: RemoteIndex) -> ChunkTable:
     """A server that ignores Range: the whole index, if it is small enough to hold."""
     try:
         data = remote.whole(RANGELESS_MAX_BYTES)
-    except StoreError as exc:
+    except CorruptChunkError as exc:  # over the bound: said before any body was read
         raise CafuseError(
-            f"index {remote.name}: the server ignores HTTP Range requests (it answers with "
-            f"the whole file) and {exc}: cafuse fetches an index over "
-            f"{format_size(RANGELESS_MAX_BYTES)} in parts; serve it from a server that "
-            "honours Range (nginx, S3, most CDNs), or download it and mount the local file"
+            f"cannot fetch index {remote.name}: {exc}; the server ignores HTTP Range "
+            "requests, so the index must come whole, which cafuse does only up to "
+            f"{format_size(RANGELESS_MAX_BYTES)}: serve it from a server that honours Range "
+            "(nginx, S3, most CDNs), or download it and mount the local file"
         ) from None
+    except StoreError as exc:
+        raise CafuseError(f"cannot fetch index {remote.name}: {exc}") from None
     log.warning("index %s: the server ignores Range requests: fetched it whole", remote.name)
     return parse_index(data, remote.name)
 

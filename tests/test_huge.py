@@ -275,3 +275,59 @@ def test_an_index_url_that_redirects(huge, nginx, tmp_path: Path) -> None:
 def test_a_missing_index_url_is_one_line(nginx) -> None:
     proc = run_cafuse("info", f"{nginx.url}/nothing.caibx", check=False)
     assert_user_error(proc, "nothing.caibx", "not found")
+
+
+def test_reads_wait_for_a_page_in_a_thread_and_share_it(huge) -> None:
+    """A page not in memory is read in a thread, once however many reads need it, and
+    the event loop serves other reads meanwhile."""
+    import trio
+
+    from cafuse.fetch import ChunkSource
+    from cafuse.mount.reader import BlobReader
+    from cafuse.stores.local import LocalStore
+
+    root, chunks, choice = huge
+    table = read_index(root / "big.caibx")
+    assert isinstance(table, PagedTable)
+    last_page = table.page_count - 1
+    gate = threading.Event()
+    reads: list[int] = []
+    read_page = table.source.read_page
+
+    def gated(page: int, offset: int, length: int) -> bytes:
+        reads.append(page)
+        if page == last_page:
+            assert gate.wait(10)
+        return read_page(page, offset, length)
+
+    table.source.read_page = gated  # type: ignore[method-assign]
+    reader = BlobReader(table, ChunkSource(table.digest, [LocalStore(str(root / "default.castr"))]))
+    far = table.blob_size - 3000
+    results: dict[str, bytes] = {}
+
+    async def until(condition) -> None:
+        with trio.fail_after(10):
+            while not condition():
+                await trio.sleep(0.001)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+
+            async def read(name: str, offset: int) -> None:
+                results[name] = bytes(await reader.read(offset, 100))
+
+            nursery.start_soon(read, "far", far)
+            nursery.start_soon(read, "far too", far + 50)
+            await until(lambda: last_page in reads)
+            near = bytes(await reader.read(0, 100))  # served while that page is read
+            assert near == expected_bytes(table, chunks, choice, 0, 100)
+            assert not results
+            gate.set()
+            await until(lambda: len(results) == 2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert reads.count(last_page) == 1
+    assert results["far"] == expected_bytes(table, chunks, choice, far, 100)
+    assert results["far too"] == expected_bytes(table, chunks, choice, far + 50, 100)

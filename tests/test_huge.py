@@ -118,6 +118,7 @@ def test_a_broken_page_fails_only_its_reads(huge, tmp_path: Path, delta: int, ru
     assert table.covering(0, 4096) == parsed.covering(0, 4096)
     with pytest.raises(TableError, match=rule):
         table.covering(int(parsed.ends[victim - 1]), 1)
+    assert_user_error(run_cafuse("info", bad, check=False), "bad.caibx", rule)
     # the mount: the same read fails with EIO, the log names the rule once
     log = tmp_path / "mount.log"
     with mounted(bad, tmp_path / "mnt", "--store", root / "default.castr", "--log", log) as blob:
@@ -170,7 +171,7 @@ def run_cafuse_cmd() -> list[str]:
     return [sys.executable, "-m", "cafuse"]
 
 
-def test_mount_by_url_fetches_pages_and_works_offline_after(huge, tmp_path: Path) -> None:
+def test_mount_by_url_reads_pages_and_works_offline_after_cache(huge, tmp_path: Path) -> None:
     root, chunks, choice = huge
     table = read_index(root / "big.caibx")
     cache = tmp_path / "cache"
@@ -184,9 +185,12 @@ def test_mount_by_url_fetches_pages_and_works_offline_after(huge, tmp_path: Path
             after = index_bytes_sent(server, "big.caibx")
         assert at_start < 20_000  # header with the first page, and the tail
         assert after < size // 4  # 10 small reads fetch a few pages, not the table
-    # the server is gone: the same reads come from the cache (pages and chunks)
+        # cafuse cache keeps every chunk and every page of the table
+        run_cafuse("cache", url, *args)
+    # the server is gone: reads come from the cache (pages and chunks), anywhere
     with mounted(url, tmp_path / "mnt", *args) as blob:  # type: ignore[arg-type]
         random_reads(blob, table, chunks, choice, 10, seed=5, most=4096)
+        random_reads(blob, table, chunks, choice, 20, seed=6, most=256 << 10)
 
 
 def test_index_replaced_on_the_server_while_mounted(huge, tmp_path: Path) -> None:

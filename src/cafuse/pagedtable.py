@@ -134,7 +134,7 @@ class PagedTable(ChunkTable):
 
     def resident(self, i: int) -> bool:
         p = i // self.page_items
-        return p in self._pages and (i % self.page_items or p == 0 or p - 1 in self._last_ends)
+        return p in self._pages and bool(i % self.page_items or p == 0 or p - 1 in self._last_ends)
 
     def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
         end = min(offset + size, self._blob_size)
@@ -154,7 +154,7 @@ class PagedTable(ChunkTable):
 
     def batches(self, step: int = BATCH_ITEMS) -> Iterator[Batch]:
         prev = 0
-        step = max(step, 1)
+        step = -(-max(step, 1) // self.page_items) * self.page_items  # whole pages
         for lo in range(0, self._count, step):
             hi = min(lo + step, self._count)
             offset, length = ITEMS_OFFSET + ITEM_SIZE * lo, ITEM_SIZE * (hi - lo)

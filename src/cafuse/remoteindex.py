@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # pages by URL are smaller than local ones: a read's first page is a guess that misses by
 # about a page at 16 million chunks, so every page fetched costs what it holds (16 KiB)
 REMOTE_PAGE_ITEMS = 409  # 16,360 bytes of items
-FIRST_BYTES = ITEMS_OFFSET + ITEM_SIZE * REMOTE_PAGE_ITEMS  # header + page 0: one request
+PAGE_BYTES = ITEM_SIZE * REMOTE_PAGE_ITEMS
+FIRST_BYTES = ITEMS_OFFSET + PAGE_BYTES  # header + page 0: one request
 END_BYTES = ITEM_SIZE + TAIL_SIZE  # the last item and the tail
 REMOTE_PAGE_CACHE = 1024  # pages kept in memory: 16 MiB
 RANGELESS_MAX_BYTES = 64 << 20  # fetched whole from a server that ignores Range
@@ -175,8 +176,14 @@ class RemotePages:
     (and then kept there)."""
 
     def __init__(
-        self, remote: RemoteIndex | None, cache: Path | None, name: str, first: bytes | None
+        self,
+        remote: RemoteIndex | None,
+        cache: Path | None,
+        name: str,
+        first: bytes | None,
+        size: int,
     ) -> None:
+        self.size = size  # of the index file
         self.remote = remote
         self.cache = cache
         self.name = name
@@ -199,14 +206,44 @@ class RemotePages:
 
     def read_range(self, offset: int, length: int) -> bytes:
         if self.remote is None:
-            raise TableError(f"{self.name}: offline, and this part of the index is not cached")
+            return self._cached_range(offset, length)
         try:
             data, _ = self.remote.get(offset, offset + length)
         except StoreError as exc:
             raise TableError(f"cannot fetch part of index {self.name}: {exc}") from None
         except RangeIgnored:
             raise TableError(f"{self.name}: the server stopped honouring Range") from None
+        if self.cache is not None and length > PAGE_BYTES:
+            # a pass over the table (cache, extract): keep the whole pages it covers too,
+            # so that a mount of this URL later has every page offline
+            items_end = self.size - TAIL_SIZE
+            page = -(-(offset - ITEMS_OFFSET) // PAGE_BYTES)  # the first starting in range
+            while True:
+                lo = ITEMS_OFFSET + page * PAGE_BYTES
+                hi = min(lo + PAGE_BYTES, items_end)
+                if lo >= hi or hi > offset + length:
+                    break
+                self._keep(page, data[lo - offset : hi - offset])
+                page += 1
         return data
+
+    def _cached_range(self, offset: int, length: int) -> bytes:
+        """Offline: a range assembled from cached pages, if they are all there."""
+        parts = []
+        end = offset + length
+        page = (offset - ITEMS_OFFSET) // PAGE_BYTES
+        while offset < end:
+            lo = ITEMS_OFFSET + page * PAGE_BYTES
+            try:
+                data = (self.cache / f"{page}.page").read_bytes() if self.cache else b""
+            except OSError:
+                data = b""
+            if not data:
+                raise TableError(f"{self.name}: offline, and this part of the index is not cached")
+            parts.append(data[offset - lo : end - lo])
+            offset = lo + len(data)
+            page += 1
+        return b"".join(parts)
 
     def _keep(self, page: int, data: bytes) -> None:
         if self.cache is None:
@@ -270,7 +307,7 @@ def open_remote_index(
     return PagedTable(
         header,
         blob,
-        RemotePages(remote, pages_dir, display, head),
+        RemotePages(remote, pages_dir, display, head, size),
         page_items=REMOTE_PAGE_ITEMS,
         cache_pages=REMOTE_PAGE_CACHE,
     )
@@ -328,7 +365,7 @@ def _open_cached(pages_dir: Path, display: str) -> ChunkTable | None:
     return PagedTable(
         header,
         blob,
-        RemotePages(None, pages_dir, display, None),
+        RemotePages(None, pages_dir, display, None, pin.size),
         page_items=REMOTE_PAGE_ITEMS,
         cache_pages=REMOTE_PAGE_CACHE,
     )

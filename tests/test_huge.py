@@ -335,3 +335,47 @@ def test_reads_wait_for_a_page_in_a_thread_and_share_it(huge) -> None:
     assert reads.count(last_page) == 1
     assert results["far"] == expected_bytes(table, chunks, choice, far, 100)
     assert results["far too"] == expected_bytes(table, chunks, choice, far + 50, 100)
+
+
+def test_an_index_by_s3_url_is_read_by_pages_and_pinned(huge, tmp_path: Path) -> None:
+    """The same by S3 (SeaweedFS): ranged GETs with If-Match against a real S3 server."""
+    import obstore
+    from obstore.store import S3Store
+    from servers import S3_KEY, S3_SECRET, SeaweedFS
+
+    root, chunks, choice = huge
+    table = read_index(root / "big.caibx")
+    server = SeaweedFS(tmp_path / "seaweed")
+    server.start()
+    try:
+        bucket = S3Store(
+            "cafuse-test",
+            endpoint=server.endpoint,
+            access_key_id=S3_KEY,
+            secret_access_key=S3_SECRET,
+            region="us-east-1",
+            client_options={"allow_http": True},
+        )
+        obstore.put(bucket, "huge/big.caibx", (root / "big.caibx").read_bytes())
+        log = tmp_path / "mount.log"
+        args = ("--store", root / "default.castr", "--log", log)
+        env_mount = server.env()
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        url = "s3://cafuse-test/huge/big.caibx"
+        run_cafuse("mount", url, mnt, *args, env=env_mount)
+        try:
+            (name,) = os.listdir(mnt)
+            random_reads(mnt / name, table, chunks, choice, 10, seed=11, most=256 << 10)
+            write_cycling_index(tmp_path / "new.caibx", chunks, ITEMS, MIN, AVG, MAX, seed=7)
+            obstore.put(bucket, "huge/big.caibx", (tmp_path / "new.caibx").read_bytes())
+            far = table.blob_size - 5000
+            out = subprocess.run(
+                pread_command(mnt / name, far, 100), capture_output=True, text=True
+            )
+            assert out.stdout.strip() == "5"  # EIO, not bytes of another version
+        finally:
+            run_cafuse("umount", mnt)
+    finally:
+        server.stop()
+    assert "changed on the server" in log.read_text()

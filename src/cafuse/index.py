@@ -124,7 +124,11 @@ class Index(ChunkTable):
         return range(first, last + 1)
 
     def is_zero(self, i: int) -> bool:
-        return bool(self.zero_mask[i])
+        return self._zero_bytes[i] != 0
+
+    @cached_property
+    def _zero_bytes(self) -> bytes:
+        return self.zero_mask.tobytes()  # indexing bytes is a cheap int lookup
 
     def batches(self, step: int = BATCH_ITEMS) -> Iterator[Batch]:
         zero = self.zero_mask

@@ -119,18 +119,24 @@ class PagedTable(ChunkTable):
         return self._blob_size
 
     def chunk_id(self, i: int) -> bytes:
-        page = self._page(i // self.page_items, True)
+        page = self._resident_page(i)
         return page.ids[i - page.first].tobytes()
 
     def span(self, i: int) -> tuple[int, int]:
-        page = self._page(i // self.page_items, True)
+        page = self._resident_page(i)
         j = i - page.first
         end = int(page.ends[j])
         return (int(page.ends[j - 1]) if j else self._end_before(i // self.page_items, True)), end
 
     def is_zero(self, i: int) -> bool:
-        page = self._page(i // self.page_items, True)
+        page = self._resident_page(i)
         return bool(page.zero[i - page.first])
+
+    def _resident_page(self, i: int) -> Page:
+        """The page of chunk ``i``; the fast path (no lock, no LRU touch: ``covering``
+        touched it) for the per-chunk calls of a read."""
+        page = self._pages.get(i // self.page_items)
+        return page if page is not None else self._page(i // self.page_items, True)
 
     def resident(self, i: int) -> bool:
         p = i // self.page_items

@@ -153,8 +153,8 @@ def _open_image(opts: MountOptions):
     index = load_index(opts.index, remote)
     source = build_source(index, opts.index, opts.stores, opts.seeds, remote)
     probe_stores(source, index, offline_ok=source.cache is not None)
-    if index.in_memory:
-        index.zero_mask  # computed before serving, not on the first read  # noqa: B018
+    if index.chunk_count:
+        index.is_zero(0)  # the zero-chunk test set up now, not on the first read
     location = parse_location(opts.index, "index")
     mtime_ns = os.stat(location.path).st_mtime_ns if location.is_local else time.time_ns()
     return index, source, mtime_ns

@@ -379,3 +379,33 @@ def test_an_index_by_s3_url_is_read_by_pages_and_pinned(huge, tmp_path: Path) ->
     finally:
         server.stop()
     assert "changed on the server" in log.read_text()
+
+
+def test_distinct_keys_across_batches_and_the_cap() -> None:
+    from cafuse.chunktable import Batch
+    from cafuse.tablepass import DistinctKeys, SizeHistogram
+
+    rng = np.random.default_rng(4)
+    pool = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+    pick = rng.integers(0, 500, 20_000)
+    seen = DistinctKeys()
+    firsts: list[int] = []
+    for lo in range(0, len(pick), 3000):
+        ids = pool[pick[lo : lo + 3000]]
+        ends = np.arange(1, len(ids) + 1, dtype=np.uint64)
+        batch = Batch(lo, 0, ends, ids, np.zeros(len(ids), dtype=bool))
+        firsts += (lo + seen.first_seen(batch)).tolist()
+    _, expected = np.unique(pick, return_index=True)
+    assert sorted(firsts) == sorted(expected.tolist())
+    assert seen.count == len(np.unique(pick))
+    capped = DistinctKeys(cap=100)
+    capped.add(np.sort(np.unique(pool[:, :8].copy().view("<u8").reshape(-1))))
+    assert capped.full and capped.count == 100
+    sizes = rng.integers(1, 4097, 10_000).astype(np.uint64)
+    histogram = SizeHistogram(4096)
+    histogram.add(sizes[:4000])
+    histogram.add(sizes[4000:])
+    summary = histogram.summary()
+    assert summary["smallest"] == int(sizes.min()) and summary["largest"] == int(sizes.max())
+    assert summary["median"] == int(np.percentile(sizes, 50, method="lower"))
+    assert summary["p90"] == int(np.percentile(sizes, 90, method="lower"))

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunktable import Batch, ChunkTable, whole_table_step
+from .chunktable import ChunkTable, whole_table_step
 from .digest import hash_function
-from .distinct import DistinctKeys
 from .errors import CafuseError
 from .fetch import decode
 from .locks import LockEntry, NoLock, StoreLock, blocking_locks, store_lock
@@ -20,11 +19,14 @@ from .progress import Progress
 from .sizes import format_duration
 from .stores import ChunkStore, StoreError
 from .stores.local import CorruptChunk
+from .tablepass import (
+    INFO_DISTINCT_CAP,
+    DistinctKeys,
+    SizeHistogram,
+    distinct_batches,
+)
 
 log = logging.getLogger(__name__)
-
-
-INFO_DISTINCT_CAP = 8 << 20  # distinct ids counted by info/verify/cache: 64 MB of keys
 
 
 def index_info(index: ChunkTable) -> dict[str, object]:
@@ -61,71 +63,11 @@ def index_info(index: ChunkTable) -> dict[str, object]:
     return info
 
 
-class SizeHistogram:
-    """Chunk lengths counted per length (or per small bucket when the max is huge): exact
-    percentiles in memory that does not grow with the table."""
-
-    def __init__(self, chunk_max: int) -> None:
-        self.shift = max(int(chunk_max).bit_length() - 22, 0)
-        self.counts = np.zeros((chunk_max >> self.shift) + 1, dtype=np.int64)
-        self.total = 0
-        self.smallest = chunk_max
-        self.largest = 0
-
-    def add(self, sizes: np.ndarray) -> None:
-        if not len(sizes):
-            return
-        self.counts += np.bincount(
-            (sizes >> np.uint64(self.shift)).astype(np.int64), minlength=len(self.counts)
-        )[: len(self.counts)]
-        self.total += int(sizes.sum())
-        self.smallest = min(self.smallest, int(sizes.min()))
-        self.largest = max(self.largest, int(sizes.max()))
-
-    def percentile(self, q: float) -> int:
-        cumulative = np.cumsum(self.counts)
-        rank = q / 100 * (int(cumulative[-1]) - 1)
-        return int(np.searchsorted(cumulative, rank, side="right")) << self.shift
-
-    def summary(self) -> dict[str, int]:
-        n = int(self.counts.sum())
-        return {
-            "smallest": self.smallest,
-            "p10": self.percentile(10),
-            "median": self.percentile(50),
-            "mean": self.total // max(n, 1),
-            "p90": self.percentile(90),
-            "largest": self.largest,
-        }
-
-
-def distinct_positions(
-    index: ChunkTable, *, skip_zero: bool = False
-) -> Iterator[tuple[int, Batch]]:
-    """Batches reduced to the first occurrence of each id (and no zero chunks with
-    ``skip_zero``): the chunks a pass over the store needs, in bounded memory. Each comes
-    with the bytes of the image its whole batch covers (for progress)."""
-    seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
-    for batch in index.batches(whole_table_step(index)):
-        keep = seen.first_seen(batch, ~batch.zero if skip_zero else None)
-        yield int(batch.ends[-1]) - batch.start, _select(batch, keep)
-
-
-def _select(batch: Batch, positions: np.ndarray) -> Batch:
-    """A batch-like view of some chunks of a batch (``first`` is then meaningless)."""
-    selected = Batch(
-        batch.first, batch.start, batch.ends[positions], batch.ids[positions], batch.zero[positions]
-    )
-    selected.__dict__["starts"] = batch.starts[positions]
-    selected.__dict__["sizes"] = batch.sizes[positions]
-    return selected
-
-
 def store_presence(index: ChunkTable, store: ChunkStore, threads: int = 16) -> dict[str, int]:
     """How many distinct chunks the store has and lacks (existence only, not contents)."""
     present = total = 0
     with ThreadPoolExecutor(threads) as pool:
-        for _, batch in distinct_positions(index):
+        for _, batch in distinct_batches(index):
             total += len(batch)
             present += sum(
                 pool.map(

@@ -11,10 +11,10 @@ import numpy as np
 from .chunktable import ChunkTable
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
-from .maintenance import distinct_positions
 from .progress import Progress
 from .sizes import format_size
 from .stores import CacheStore
+from .tablepass import distinct_batches
 
 
 @dataclass
@@ -56,7 +56,7 @@ def fill_cache(
 
     # a pass in batches: the chunks each batch adds, fetched before the next batch is read
     with ThreadPoolExecutor(threads, thread_name_prefix="cache") as pool:
-        for covered, batch in distinct_positions(index, skip_zero=True):
+        for covered, batch in distinct_batches(index, skip_zero=True):
             jobs = [(batch.chunk_id(j), int(batch.sizes[j])) for j in range(len(batch))]
             report.chunks += len(jobs)
             for verdict, size in pool.map(one, jobs, chunksize=16):
@@ -83,7 +83,7 @@ def _check_all_cached(index: ChunkTable, cache: CacheStore, threads: int) -> Non
     how much actually stayed: an offline mount or extract would not find the rest."""
     chunks = present = kept = total = 0
     with ThreadPoolExecutor(threads, thread_name_prefix="cache-check") as pool:
-        for _, batch in distinct_positions(index, skip_zero=True):
+        for _, batch in distinct_batches(index, skip_zero=True):
             found = np.array(
                 list(
                     pool.map(

@@ -183,6 +183,9 @@ def test_mount_by_url_reads_pages_and_works_offline_after_cache(huge, tmp_path: 
             at_start = index_bytes_sent(server, "big.caibx")
             random_reads(blob, table, chunks, choice, 10, seed=5, most=4096)
             after = index_bytes_sent(server, "big.caibx")
+            stats = json.loads(run_cafuse("stats", tmp_path / "mnt", "--json").stdout)
+            assert stats["index"]["bytes_fetched"] == after  # what the daemon says it read
+            assert "table pages read" in run_cafuse("stats", tmp_path / "mnt").stdout
         assert at_start < 20_000  # header with the first page, and the tail
         assert after < size // 4  # 10 small reads fetch a few pages, not the table
         # cafuse cache keeps every chunk and every page of the table

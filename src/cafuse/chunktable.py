@@ -181,6 +181,10 @@ class ChunkTable:
         """The whole table in order, ``step`` items at a time."""
         raise NotImplementedError
 
+    def stats(self) -> dict[str, int]:
+        """Counters of a table read by pages (empty for one in memory)."""
+        return {}
+
     def close(self) -> None:
         """Release the file or connections behind the table."""
 

@@ -171,6 +171,14 @@ class PagedTable(ChunkTable):
             del ends, ids, raw
             self.source.done_with(offset, length)
 
+    def stats(self) -> dict[str, int]:
+        stats = {"pages": self.page_count, "pages_read": self.pages_read}
+        stats["pages_in_memory"] = len(self._pages)
+        fetched = getattr(getattr(self.source, "remote", None), "bytes_fetched", None)
+        if fetched is not None:
+            stats["bytes_fetched"] = fetched
+        return stats
+
     def close(self) -> None:
         with self._lock:
             self._pages.clear()

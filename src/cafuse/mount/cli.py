@@ -99,6 +99,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     reads = stats["reads"]
     print(f"image: {format_size(stats['blob_size'])} in {stats['chunks']} chunks")
+    if table := stats.get("index"):  # a table read by pages
+        fetched = table.get("bytes_fetched")
+        print(
+            f"index: {table['pages_read']} of {table['pages']} table pages read, "
+            f"{table['pages_in_memory']} in memory"
+            + (f", {format_size(fetched)} fetched" if fetched is not None else "")
+        )
     print(
         f"reads: {reads['served']} served ({format_size(reads['bytes'])}), {reads['failed']} failed"
     )

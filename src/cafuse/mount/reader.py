@@ -306,6 +306,7 @@ class BlobReader:
         }
         snap["blob_size"] = self.size
         snap["chunks"] = self.index.chunk_count
+        snap["index"] = self.index.stats()
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]

@@ -63,7 +63,9 @@ class Pin:
     last_modified: float | None
 
     def options(self) -> dict[str, Any]:
-        if self.etag:
+        # a weak ETag (W/"...", CDNs that recompress) never passes If-Match, which compares
+        # strongly: it is only compared with each answer's
+        if self.etag and not self.etag.startswith("W/"):
             return {"if_match": self.etag}
         if self.last_modified is not None:
             from datetime import datetime

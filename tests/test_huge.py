@@ -412,3 +412,18 @@ def test_distinct_keys_across_batches_and_the_cap() -> None:
     assert summary["smallest"] == int(sizes.min()) and summary["largest"] == int(sizes.max())
     assert summary["median"] == int(np.percentile(sizes, 50, method="lower"))
     assert summary["p90"] == int(np.percentile(sizes, 90, method="lower"))
+
+
+def test_the_pin_of_an_index_by_url() -> None:
+    from cafuse.remoteindex import Pin
+
+    strong = Pin(1000, '"abc"', 1.0)
+    assert strong.options() == {"if_match": '"abc"'}
+    assert strong.differs(Pin(1000, '"abc"', 2.0)) is None  # the ETag decides
+    assert "ETag" in (strong.differs(Pin(1000, '"abd"', 1.0)) or "")
+    assert "length" in (strong.differs(Pin(1001, '"abc"', 1.0)) or "")
+    weak = Pin(1000, 'W/"abc"', 1.0)
+    assert "if_match" not in weak.options()  # compared with each answer instead
+    assert "if_unmodified_since" in weak.options()
+    dated = Pin(1000, None, 1.0)
+    assert "Last-Modified" in (dated.differs(Pin(1000, None, 5.0)) or "")

@@ -22,16 +22,22 @@ class Chunks:
     sizes: np.ndarray  # (k,) uint64
 
 
-def make_chunks(store: Path, count: int, low: int, high: int, seed: int = 0) -> Chunks:
-    """``count`` chunks of random bytes, lengths in ``[low, high]``, stored compressed."""
+def make_chunks(
+    store: Path, count: int, low: int, high: int, seed: int = 0, zero: bool = False
+) -> Chunks:
+    """``count`` chunks of random bytes, lengths in ``[low, high]``, stored compressed;
+    with ``zero`` the last is all zeros, ``high`` long (as a run of zeros is cut)."""
     rng = np.random.default_rng(seed)
     local = LocalStore(str(store), create=True)
     hash_chunk = hash_function("blake3")
     data, ids = [], []
-    for length in rng.integers(low, high + 1, count).tolist():
+    lengths = rng.integers(low, high + 1, count).tolist()
+    for n, length in enumerate(lengths):
         # half random, half repeated bytes: compressible like real data
         raw = rng.integers(0, 256, length // 2, dtype=np.uint8).tobytes()
         raw += bytes([raw[0]]) * (length - len(raw))
+        if zero and n == count - 1:
+            raw = bytes(high)
         chunk_id = hash_chunk(raw)
         local.put(chunk_id, compress(raw))
         data.append(raw)

@@ -33,7 +33,7 @@ MIN, AVG, MAX = 1024, 2048, 4096
 def huge(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Chunks, np.ndarray]:
     """A web root: big.caibx (40,000 items cycling through 64 chunks) and default.castr."""
     root = tmp_path_factory.mktemp("huge")
-    chunks = make_chunks(root / "default.castr", 64, MIN, MAX)
+    chunks = make_chunks(root / "default.castr", 64, MIN, MAX, zero=True)
     choice = write_cycling_index(root / "big.caibx", chunks, ITEMS, MIN, AVG, MAX)
     assert (root / "big.caibx").stat().st_size > IN_MEMORY_MAX_BYTES
     return root, chunks, choice
@@ -427,3 +427,37 @@ def test_the_pin_of_an_index_by_url() -> None:
     assert "if_unmodified_since" in weak.options()
     dated = Pin(1000, None, 1.0)
     assert "Last-Modified" in (dated.differs(Pin(1000, None, 5.0)) or "")
+
+
+def test_passes_in_many_batches(huge, tmp_path: Path, monkeypatch) -> None:
+    """extract, info, verify, cache and gc over a table in several batches: the same
+    results as one pass (zero chunks included)."""
+    from cafuse import chunktable
+    from cafuse.extract import extract
+    from cafuse.fetch import ChunkSource
+    from cafuse.maintenance import collect_garbage, index_info, verify_store
+    from cafuse.prefetch import fill_cache
+    from cafuse.stores import CacheStore
+    from cafuse.stores.local import LocalStore
+
+    root, chunks, choice = huge
+    monkeypatch.setattr(chunktable, "BATCH_ITEMS", 5000)  # rounded up to whole pages
+    table = read_index(root / "big.caibx")
+    assert len(list(table.batches(chunktable.whole_table_step(table)))) > 3
+    zero = len(chunks.data) - 1
+    assert table.is_zero(int(np.flatnonzero(choice == zero)[0]))
+    store = LocalStore(str(root / "default.castr"))
+    out = tmp_path / "out.img"
+    result = extract(table, str(out), ChunkSource(table.digest, [store]), progress=False)
+    assert out.read_bytes() == b"".join(chunks.data[int(c)] for c in choice)
+    assert result.zero == int((choice == zero).sum()) * MAX
+    info = index_info(table)
+    assert info["zero_chunks"] == int((choice == zero).sum())
+    assert info["unique_chunks"] == len(np.unique(choice))
+    report = verify_store(table, store, progress=False)
+    assert report.checked == len(np.unique(choice)) and not report.missing
+    cache = CacheStore(str(tmp_path / "cache"), 1 << 30)
+    source = ChunkSource(table.digest, [store], cache=cache)
+    cached = fill_cache(table, source, progress=False)
+    assert cached.chunks == len(np.unique(choice[choice != zero]))
+    assert collect_garbage(store, [table], dry_run=True, grace=0).deleted == 0

@@ -122,12 +122,14 @@ def print_json(data: object) -> None:
 
 
 def cmd_make(args: argparse.Namespace) -> int:
-    from .chunker import DEFAULT_SIZES, ChunkSizes
+    from .chunker import DEFAULT_SIZES, ChunkSizes, open_input
     from .make import make
 
     sizes = ChunkSizes.parse(args.chunk_size) if args.chunk_size else DEFAULT_SIZES
     if not 1 <= args.level <= 22:
         raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
+    with open_input(args.file):  # a bad input is refused before the store is created
+        pass
     store = remote_options(args).open(args.store, writable=True)
     threads = args.threads or (os.cpu_count() or 2 if store.is_local else REMOTE_CONCURRENCY)
     result = make(
@@ -210,40 +212,70 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+LISTED = 10  # verify names at most this many chunks of each kind (-v: all)
+
+
+def _listing(kind: str, names: list[str], verbose: bool) -> list[str]:
+    """``  missing <id>`` lines, at most ``LISTED`` unless verbose, then how many more."""
+    shown = names if verbose else names[:LISTED]
+    lines = [f"  {kind} {name}" for name in shown]
+    if len(names) > len(shown):
+        lines.append(f"  ... and {len(names) - len(shown)} more {kind} (all of them with -v)")
+    return lines
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .maintenance import verify_store
+    from .maintenance import verify_all_copies, verify_store
     from .resolve import load_index
 
     remote = remote_options(args)
-    index = load_index(args.index, remote)
     store = remote.open(args.store)
-    report = verify_store(
-        index, store, repair=args.repair, threads=args.concurrency or REMOTE_CONCURRENCY
-    )
-    bad = len(report.missing) + len(report.corrupt)
+    threads = args.concurrency or REMOTE_CONCURRENCY
+    if args.index is None:
+        report = verify_all_copies(store, repair=args.repair, threads=threads)
+        what = "chunk files"
+    else:
+        index = load_index(args.index, remote)
+        report = verify_store(index, store, repair=args.repair, threads=threads)
+        what = "chunks"
     print(
-        f"{store.url}: {report.checked} chunks checked, {len(report.missing)} missing, "
-        f"{len(report.corrupt)} corrupt"
+        f"{store.url}: {report.checked} {what} checked, "
+        + (f"{len(report.missing)} missing, " if args.index is not None else "")
+        + f"{len(report.corrupt)} corrupt"
         + (f", {len(report.unreadable)} unreadable" if report.unreadable else "")
         + (f", {report.repaired} deleted" if args.repair else "")
     )
+    for line in _listing("missing", [c.hex() for c in report.missing], args.verbose > 0):
+        print(line)
+    for line in _listing("corrupt", report.corrupt_copies, args.verbose > 0):
+        print(line)
     if report.unreadable:
         raise CafuseError(
             f"store {store.url} did not answer for {len(report.unreadable)} chunks "
             f"(first {report.unreadable[0].hex()}: {report.first_error}): "
             "check the store, then verify again"
         )
-    if bad:
-        first = (report.corrupt + report.missing)[0].hex()
+    if not (report.missing or report.corrupt):
+        return 0
+    counts = ", ".join(
+        f"{n} {kind}"
+        for n, kind in ((len(report.missing), "missing"), (len(report.corrupt), "corrupt"))
+        if n
+    )
+    if report.corrupt and not args.repair:
         hint = (
-            "re-run make or copy the chunks back"
-            if args.repair
-            else "run with --repair to delete corrupt chunks, then re-run make"
+            "run verify with --repair to delete the corrupt copies"
+            if store.writable
+            else "fix them on the server (a read-only store cannot be repaired from here)"
         )
-        raise CafuseError(
-            f"store {store.url} is incomplete for {args.index} (first bad chunk {first}): {hint}"
-        )
-    return 0
+        if args.index is not None and store.writable:
+            hint += ", then re-run make of this image to put them back"
+    elif args.index is None:  # repaired: which indexes lack them now, only make can say
+        hint = "re-run make of the images that use them to put them back"
+    else:
+        hint = "re-run make of this image, or copy the chunks back, to fill the store"
+    target = f"for {args.index}" if args.index is not None else "(store-wide check)"
+    raise CafuseError(f"store {store.url} is incomplete {target} ({counts}): {hint}")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -430,10 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_info)
 
-    p = sub.add_parser("verify", help="check every chunk of an index in a store")
-    p.add_argument("index", metavar="INDEX", help="index file or URL")
+    p = sub.add_parser(
+        "verify",
+        help="check every chunk of an index in a store (or, with no index, every chunk file)",
+    )
+    p.add_argument(
+        "index",
+        metavar="INDEX",
+        nargs="?",
+        help="index file or URL; without one, every chunk file of the store is checked "
+        "(bare and .cacnk, each copy on its own), as desync verify does",
+    )
     p.add_argument("--store", "-s", required=True)
-    p.add_argument("--repair", action="store_true", help="delete corrupt chunks")
+    p.add_argument("--repair", action="store_true", help="delete corrupt copies")
     p.add_argument("--concurrency", "--threads", dest="concurrency", type=_positive_int)
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_verify)

@@ -24,6 +24,10 @@ _FIRST_MEMBERS = frozenset(
         "list_locks",
         "read_lock",
         "delete_lock",
+        "iter_copies",
+        "get_copy",
+        "delete_copy",
+        "remove_empty_prefixes",
     }
 )
 

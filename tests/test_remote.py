@@ -492,14 +492,22 @@ def _s3_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, seaweed.env()[key])
 
 
-def _make_in_process(index: Path, data: bytes, store, threads: int = 2):
+def _make_in_process(index: Path, data: bytes, store, threads: int = 2, compression="zstd"):
     from cafuse.chunker import ChunkSizes
     from cafuse.make import make
 
     image = index.with_suffix(".img")
     image.write_bytes(data)
     sizes = ChunkSizes.parse("16K")
-    return make(str(index), str(image), store, sizes=sizes, threads=threads, progress=False)
+    return make(
+        str(index),
+        str(image),
+        store,
+        sizes=sizes,
+        threads=threads,
+        progress=False,
+        compression=compression,
+    )
 
 
 def _ages(store) -> dict[bytes, float]:
@@ -627,6 +635,45 @@ def test_s3_second_make_uploads_nothing(
     assert _ages(store) == before  # every chunk's last-modified unchanged
     assert _lock_names(store) == []
     assert (tmp_path / "b.caibx").read_bytes() == (tmp_path / "a.caibx").read_bytes()
+
+
+def test_s3_uncompressed_chunks_are_bare_objects(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compression none uploads bare <id> objects with one HEAD and one conditional PUT
+    per new chunk; readers find them; a chunk kept both ways counts once in gc and twice in
+    a store-wide verify; a conditional PUT never overwrites."""
+    from cafuse.codec import compress
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    url = "s3://cafuse-gc/bare/store"
+    store = open_store(url, writable=True)
+    calls = _calls(store)
+    data = random_bytes(300_000, seed=34)
+    index = tmp_path / "a.caibx"
+    made = _make_in_process(index, data, store, compression="none")
+    parsed = read_index(index)
+    distinct = len(parsed.distinct_positions())
+    assert made.new_chunks == distinct
+    assert calls.count("head") == distinct and calls.count("put") == distinct
+    copies = list(store.iter_copies())
+    assert len(copies) == distinct and all(bare for _, bare in copies)
+    env = seaweed.env()
+    out = tmp_path / "out.img"
+    run_cafuse("extract", index, out, "--store", url, env=env)
+    assert out.read_bytes() == data
+    # the same chunks compressed beside them: both copies there, gc counts each chunk once
+    chunk_id = parsed.chunk_id(0)
+    start, end = parsed.span(0)
+    assert store.put(chunk_id, compress(data[start:end]))
+    assert not store.put(chunk_id, compress(data[start:end]))  # there: not overwritten
+    assert len(dict(store.iter_ages())) == distinct
+    assert len(list(store.iter_copies())) == distinct + 1
+    gc = run_cafuse("gc", url, index, "--grace", "0", "-n", env=env).stdout
+    assert f"kept {distinct} chunks, would delete 0" in gc
+    wide = run_cafuse("verify", "--store", url, env=env).stdout
+    assert f"{distinct + 1} chunk files checked, 0 corrupt" in wide
 
 
 def _fake_lock(store, kind: str, host: str = "elsewhere", pid: int = 4242) -> str:

@@ -103,4 +103,3 @@ def test_uncompressed_store_extracts_with_casync(ext4_image: Path, tmp_path: Pat
     proc = casync("extract", f"--store={store}", index, out)
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(out) == sha256_file(ext4_image)
-

@@ -7,69 +7,28 @@ that ``cafuse --help`` and the mount helper start fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, defaults
+from .args import (
+    Parser,
+    add_concurrency_option,
+    add_remote_options,
+    add_source_options,
+    positive_int,
+    print_json,
+    seed_specs,
+    size,
+)
 from .errors import CafuseError
-from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 log = logging.getLogger("cafuse")
 
 Handler = Callable[[argparse.Namespace], int]
-REMOTE_CONCURRENCY = 16
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem and where to look."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        command = self.prog.partition(" ")[2]
-        where = f"{command}: " if command else ""
-        self.exit(2, f"cafuse: error: {where}{message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _size(text: str) -> int:
-    """A byte count with an optional K/M/G/T suffix, as every size option takes."""
-    from .sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except CafuseError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+REMOTE_CONCURRENCY = defaults.REMOTE_CONCURRENCY
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -79,12 +38,12 @@ def remote_options(args: argparse.Namespace):
     from .resolve import RemoteOptions
 
     return RemoteOptions(
-        timeout=args.timeout,
-        retries=args.retries,
+        timeout=defaults.TIMEOUT if args.timeout is None else args.timeout,
+        retries=defaults.RETRIES if args.retries is None else args.retries,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
         cache=getattr(args, "cache", None),
-        cache_size=getattr(args, "cache_size", None) or "10G",
+        cache_size=getattr(args, "cache_size", None) or defaults.CACHE_SIZE,
     )
 
 
@@ -101,7 +60,7 @@ def _index_and_source(args: argparse.Namespace):
 
     remote = remote_options(args)
     index = load_index(args.index, remote)
-    source = build_source(index, args.index, args.store, getattr(args, "seed", None), remote)
+    source = build_source(index, args.index, args.store, seed_specs(args), remote)
     probe_stores(source, index, offline_ok=source.cache is not None)
     return index, source
 
@@ -111,11 +70,6 @@ def _print_store_lines(source) -> None:
 
     for line in store_lines(source.store_stats()):
         print(line)
-
-
-def print_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
 
 
 # ---------------------------------------------------------------- commands
@@ -202,14 +156,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    for key, value in info.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for sub, subvalue in value.items():
-                print(f"  {sub}: {subvalue}")
-        else:
-            print(f"{key}: {value}")
+    for line in _text_lines(info):
+        print(line)
     return 0
+
+
+def _text_lines(data: dict[str, object], indent: str = "") -> list[str]:
+    """``key: value`` lines, nested dicts indented under their key (never a Python repr)."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines += _text_lines(value, indent + "  ")
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return lines
 
 
 LISTED = 10  # verify names at most this many chunks of each kind (-v: all)
@@ -315,72 +276,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
-    g = p.add_argument_group("remote stores")
-    g.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="deadline for one chunk, every store and retry included; one request gets at "
-        f"most a third of it (default: {DEFAULT_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--retries",
-        type=_nonnegative_int,
-        default=DEFAULT_RETRIES,
-        help="most retry rounds for one chunk after network errors, timeouts, 5xx, 429 or "
-        f"corrupt transfers, within --timeout (default: {DEFAULT_RETRIES})",
-    )
-    g.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)",
-    )
-    g.add_argument("--s3-region", metavar="REGION", help="S3 region (default: $AWS_REGION)")
-    if cache:
-        g.add_argument(
-            "--cache",
-            metavar="DIR",
-            help="local chunk cache in front of the stores, shared by processes",
-        )
-        g.add_argument(
-            "--cache-size",
-            metavar="SIZE",
-            default="10G",
-            help="bound of the cache; least recently used chunks go first (default: 10G)",
-        )
-
-
-def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
-    p.add_argument(
-        "--store",
-        "-s",
-        action="append",
-        metavar="STORE",
-        help="chunk store (path or URL; A|B is a failover group); repeat to try "
-        "several in order (default: default.castr next to the index)",
-    )
-    if seeds:
-        p.add_argument(
-            "--seed",
-            action="append",
-            metavar="SEED_INDEX:SEED_FILE",
-            help="local image whose chunks are used before any store; repeatable",
-        )
-    p.add_argument(
-        "--concurrency",
-        "--threads",
-        dest="concurrency",
-        type=_positive_int,
-        help=f"chunks in flight (default: {REMOTE_CONCURRENCY} with remote stores, "
-        "2 per core otherwise)",
-    )
-    add_remote_options(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="cafuse",
         description="casync-compatible chunk stores and indexes, mounted lazily through FUSE.",
     )
@@ -388,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser("make", help="chunk an image into a store and write its index")
@@ -409,13 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-size",
         metavar="[MIN:]AVG[:MAX]",
-        help="chunk sizes, e.g. 64K or 16K:64K:256K (default 16K:64K:256K)",
+        help=f"chunk sizes, e.g. 64K or 16K:64K:256K (default: {defaults.CHUNK_SIZES})",
     )
-    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    p.add_argument("--level", type=int, default=3, help="zstd level (default: %(default)s)")
+    p.add_argument(
+        "--compression",
+        choices=("zstd", "none"),
+        default="zstd",
+        help="zstd: <id>.cacnk files; none: bare <id> files, as casync and desync keep "
+        "uncompressed chunks (default: %(default)s)",
+    )
+    p.add_argument(
+        "--level", type=int, default=defaults.ZSTD_LEVEL, help="zstd level (default: %(default)s)"
+    )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="hashing/compression/upload threads (default: one per core, 16 for a remote store)",
     )
     p.add_argument(
@@ -429,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="rebuild an image from its index")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
     p.add_argument("output", metavar="OUTPUT", help="file or block device to write")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument(
         "--in-place",
         action="store_true",
@@ -441,23 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cat", help="write (part of) an image to stdout")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument(
-        "--offset", type=_size, default=0, metavar="SIZE", help="first byte (e.g. 1M; default 0)"
+        "--offset", type=size, default=0, metavar="SIZE", help="first byte (e.g. 1M; default 0)"
     )
     p.add_argument(
-        "--length", type=_size, default=None, metavar="SIZE", help="bytes (default: to the end)"
+        "--length", type=size, default=None, metavar="SIZE", help="bytes (default: to the end)"
     )
     p.set_defaults(handler=cmd_cat)
 
     p = sub.add_parser("cache", help="fetch every chunk an index needs into --cache DIR")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    _add_source_options(p, seeds=False)
+    add_source_options(p, seeds=False)
     p.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("info", help="describe an index (and what a store holds of it)")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    p.add_argument("--store", "-s", action="append", metavar="STORE")
+    p.add_argument("--store", "-s", action="append", metavar="STORE", help="count what STORE holds")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_info)
@@ -473,9 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="index file or URL; without one, every chunk file of the store is checked "
         "(bare and .cacnk, each copy on its own), as desync verify does",
     )
-    p.add_argument("--store", "-s", required=True)
+    p.add_argument("--store", "-s", required=True, metavar="STORE", help="store to check")
     p.add_argument("--repair", action="store_true", help="delete corrupt copies")
-    p.add_argument("--concurrency", "--threads", dest="concurrency", type=_positive_int)
+    add_concurrency_option(p, "chunks checked at once")
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_verify)
 
@@ -504,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--grace",
-        default="1h",
+        default=defaults.GC_GRACE,
         metavar="DURATION",
         help="spare unreferenced chunks written or reused less than this long ago: longer "
         "than any make takes, and than any casync or desync upload to the store, which "
@@ -523,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .mount.cli import add_mount_commands  # light: no pyfuse3 import at this point
 
-    add_mount_commands(sub, add_remote_options)
+    add_mount_commands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The mount, umount and stats subcommands, and the ``mount.fuse.cafuse`` helper.
+"""The mount, umount and stats subcommands (``mount.fuse.cafuse`` is in ``helper``).
 
 Kept light: pyfuse3, trio and numpy are imported only when a command runs.
 """
@@ -8,28 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from collections.abc import Callable, Sequence
 
+from .. import defaults
+from ..args import (
+    add_remote_options,
+    add_seed_options,
+    add_store_option,
+    count,
+    print_json,
+    seed_specs,
+)
 from ..errors import CafuseError
 from ..sizes import format_size, parse_size
 from . import STATS_XATTR
-from .options import MountOptions
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
+from .options import FLAG_OPTIONS, PASSED_OPTIONS, SETTERS, MountOptions
 
 
 def _options_from_args(args: argparse.Namespace) -> MountOptions:
@@ -37,7 +29,7 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     for spec in args.o or []:
         opts.apply(spec)
     opts.stores += args.store or []
-    opts.seeds += args.seed or []
+    opts.seeds += seed_specs(args)
     if args.name:
         opts.name = args.name
     if args.memory_cache:
@@ -55,7 +47,7 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     if args.concurrency:
         opts.concurrency = args.concurrency
     if args.log:
-        opts.log_file = os.path.abspath(args.log)
+        opts.log_file = args.log
     opts.foreground = args.foreground
     if args.allow_other:
         opts.fuse_options.add("allow_other")
@@ -93,8 +85,6 @@ def read_stats(mountpoint: str) -> dict:
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = read_stats(args.mountpoint)
     if args.json:
-        from ..cli import print_json
-
         print_json(stats)
         return 0
     reads = stats["reads"]
@@ -140,9 +130,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_mount_commands(
-    sub: argparse._SubParsersAction, add_remote_options: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def _o_list() -> str:
+    """Every ``-o`` key, from the table that parses them (so the help never lags)."""
+    keys = [f"{key}=" for key in SETTERS] + [*FLAG_OPTIONS, *sorted(PASSED_OPTIONS)]
+    return ", ".join(keys)
+
+
+def add_mount_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "mount",
         help="mount an index as one read-only file, fetched lazily",
@@ -151,27 +145,19 @@ def add_mount_commands(
     )
     p.add_argument("index", metavar="INDEX")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    add_store_option(p)
+    add_seed_options(p)
     p.add_argument(
-        "--store",
-        "-s",
-        action="append",
-        metavar="STORE",
-        help="chunk store; repeat to try several in order",
-    )
-    p.add_argument(
-        "--seed",
-        action="append",
-        metavar="SEED_INDEX:SEED_FILE",
-        help="local image whose chunks are used before any store",
-    )
-    p.add_argument(
-        "--memory-cache", metavar="SIZE", help="decompressed chunks kept in memory (default 256M)"
+        "--memory-cache",
+        metavar="SIZE",
+        help=f"decompressed chunks kept in memory (default: {defaults.MEMORY_CACHE_TEXT})",
     )
     p.add_argument(
         "--readahead",
-        type=_count(0),
+        type=count(0),
         metavar="N",
-        help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
+        help=f"max chunks fetched ahead of sequential reads (default: {defaults.READAHEAD}, "
+        "0 = off)",
     )
     p.add_argument(
         "--no-hedge",
@@ -180,11 +166,12 @@ def add_mount_commands(
     )
     p.add_argument(
         "--concurrency",
-        type=_count(1),
+        type=count(1),
         metavar="N",
-        help="remote chunk fetches in flight; a quarter serve reads only (default 16)",
+        help="remote chunk fetches in flight; a quarter serve reads only "
+        f"(default: {defaults.REMOTE_CONCURRENCY})",
     )
-    p.add_argument("--name", help="file name inside the mount (default: index name)")
+    p.add_argument("--name", help="file name inside the mount (default: the index's name)")
     p.add_argument(
         "--allow-other",
         action="store_true",
@@ -196,12 +183,10 @@ def add_mount_commands(
         "-o",
         action="append",
         metavar="OPTIONS",
-        help="comma-separated options as in fstab: store=,seed=,name=,"
-        "memory_cache=,readahead=,timeout=,log=,allow_other,nohedge",
+        help="comma-separated options as in fstab, each the same as its --option: " + _o_list(),
     )
     add_remote_options(p)
-    # for the mount, --timeout also bounds each read: past it the read fails with EIO
-    p.set_defaults(handler=cmd_mount, timeout=None, retries=None, cache_size=None)
+    p.set_defaults(handler=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a cafuse mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -211,43 +196,3 @@ def add_mount_commands(
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_stats)
-
-
-def helper_main(argv: Sequence[str] | None = None) -> int:
-    """``mount.fuse.cafuse SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, as mount(8)
-    and fstab call it."""
-    from ..cli import main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    positional: list[str] = []
-    options: list[str] = []
-    foreground = False
-    it = iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options.append(next(it, ""))
-        elif arg.startswith("-o") and len(arg) > 2:
-            options.append(arg[2:])
-        elif arg == "-t":
-            next(it, None)
-        elif arg == "-f":
-            foreground = True
-        elif arg in ("-n", "-s", "-v", "-r", "-w") or arg.startswith("--"):
-            continue
-        else:
-            positional.append(arg)
-    if len(positional) != 2:
-        print(
-            "mount.fuse.cafuse: usage: mount.fuse.cafuse INDEX MOUNTPOINT -o store=STORE",
-            file=sys.stderr,
-        )
-        return 2
-    cmd = ["mount", *positional]
-    for spec in options:
-        # mount(8) passes "rw" unless told "ro"; the mount is read-only either way
-        kept = ",".join(item for item in spec.split(",") if item.strip() != "rw")
-        if kept:
-            cmd += ["-o", kept]
-    if foreground:
-        cmd.append("-f")
-    return main(cmd)

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
+from ..args import specs_in_dir
 from ..errors import CafuseError
 from ..sizes import parse_size
 from ..stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
@@ -46,14 +48,14 @@ class MountOptions:
     stores: list[str] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
     name: str | None = None
-    memory_cache: int = 256 << 20
-    readahead: int = 32
+    memory_cache: int = defaults.MEMORY_CACHE
+    readahead: int = defaults.READAHEAD
     hedge: bool = True
-    concurrency: int = 16
+    concurrency: int = defaults.REMOTE_CONCURRENCY
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     cache: str | None = None
-    cache_size: str = "10G"
+    cache_size: str = defaults.CACHE_SIZE
     s3_endpoint: str | None = None
     s3_region: str | None = None
     foreground: bool = False
@@ -72,7 +74,7 @@ class MountOptions:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             key, sep, value = item.partition("=")
             key = key.replace("-", "_")
-            setter = _SETTERS.get(key)
+            setter = SETTERS.get(key)
             if setter is not None:
                 if not (sep and value):
                     raise CafuseError(f"mount option {key!r} needs a value ({key}=...)")
@@ -93,9 +95,10 @@ def _set_cache_size(opts: MountOptions, value: str) -> None:
     opts.cache_size = value
 
 
-_SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
+SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "store": lambda o, v: o.stores.append(v),
     "seed": lambda o, v: o.seeds.append(v),
+    "seed_dir": lambda o, v: o.seeds.extend(specs_in_dir(v)),
     "name": lambda o, v: setattr(o, "name", v),
     "memory_cache": lambda o, v: setattr(o, "memory_cache", parse_size(v, "memory_cache")),
     "readahead": lambda o, v: setattr(o, "readahead", _whole(v, "readahead")),

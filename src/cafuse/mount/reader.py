@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .. import defaults
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
 from ..index import Index
@@ -79,8 +80,8 @@ class BlobReader:
         index: Index,
         source: ChunkSource,
         *,
-        memory_cache: int = 256 << 20,
-        readahead: int = 32,
+        memory_cache: int = defaults.MEMORY_CACHE,
+        readahead: int = defaults.READAHEAD,
         concurrency: int = 16,
         local_threads: int = 2,
         batch: int = 8,

@@ -112,11 +112,15 @@ class LocalStore(ChunkStore):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot read {candidate}: {exc.strerror}") from None
+            raise StoreError(
+                f"store {self.root}: cannot read {candidate}: {exc.strerror}"
+            ) from None
         try:
             return self._read_chunk_file(fd, candidate)
         except OSError as exc:
-            raise StoreError(f"store {self.root}: cannot read {candidate}: {exc.strerror}") from None
+            raise StoreError(
+                f"store {self.root}: cannot read {candidate}: {exc.strerror}"
+            ) from None
         finally:
             os.close(fd)
 

@@ -409,7 +409,6 @@ class ObjectChunkStore(ChunkStore):
         that upload. Every retry repeats the HEAD, so the window is one request long,
         never a backoff pause. See docs/failure-model.md.
         """
-        import obstore
 
         if not self.writable:
             raise ReadOnlyStore(f"store {self.url} is read-only")

@@ -95,9 +95,16 @@ def test_uncompressed_store_extracts_with_casync(ext4_image: Path, tmp_path: Pat
     """--compression none writes bare <id> files, which casync reads as uncompressed."""
     index, store = tmp_path / "image.caibx", tmp_path / "store"
     run_cafuse(
-        "make", index, ext4_image, "--store", store, "--digest", "sha512-256",
-        "--compression", "none",
-    )  # fmt: skip
+        "make",
+        index,
+        ext4_image,
+        "--store",
+        store,
+        "--digest",
+        "sha512-256",
+        "--compression",
+        "none",
+    )
     assert not list(store.rglob("*.cacnk"))
     out = tmp_path / "casync-out.img"
     proc = casync("extract", f"--store={store}", index, out)

@@ -380,8 +380,11 @@ def test_libfuse_reason_is_passed_up() -> None:
     from cafuse.mount.options import MountOptions
 
     with _stderr_captured() as said:
-        os.write(2, b"fusermount3: option allow_other only allowed if 'user_allow_other' "
-                    b"is set in /etc/fuse.conf\n")  # fmt: skip
+        os.write(
+            2,
+            b"fusermount3: option allow_other only allowed if 'user_allow_other' "
+            b"is set in /etc/fuse.conf\n",
+        )
     opts = MountOptions(index="a.caibx", mountpoint="/mnt/x")
     text = _mount_failure(opts, RuntimeError("fuse_session_mount failed"), said())
     assert "user_allow_other" in text and "without --allow-other" in text

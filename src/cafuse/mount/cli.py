@@ -19,7 +19,7 @@ from ..args import (
     seed_specs,
 )
 from ..errors import CafuseError
-from ..sizes import format_size, parse_size
+from ..sizes import fetched_text, format_size, parse_size
 from . import STATS_XATTR
 from .options import FLAG_OPTIONS, PASSED_OPTIONS, SETTERS, MountOptions
 
@@ -95,14 +95,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for origin, nbytes in reads["bytes_from"].items():
         print(f"  served from {origin}: {format_size(nbytes)}")
     for origin, counter in sorted(stats["origins"].items()):
-        wire = (
-            f", {format_size(counter['stored_bytes'])} transferred"
-            if counter["stored_bytes"]
-            else ""
-        )
         print(
             f"fetched from {origin}: {counter['chunks']} chunks, "
-            f"{format_size(counter['bytes'])}{wire}"
+            + fetched_text(counter["bytes"], counter["stored_bytes"])
         )
     cache = stats["memory_cache"]
     print(

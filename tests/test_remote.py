@@ -165,7 +165,7 @@ def test_failover_group_and_store_order(
     assert sha256_file(out) == sha256_file(ext4_image)
 
 
-def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
+def test_unreachable_store_fails_extract_and_mount(www: Path, tmp_path: Path) -> None:
     index = www / "image.caibx"
     out = tmp_path / "o.img"
     assert_user_error(
@@ -201,6 +201,11 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         "cannot reach any store",
     )
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_bad_store_urls_are_refused(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"
+    out = tmp_path / "o.img"
     assert_user_error(
         run_cafuse("extract", index, out, "--store", "http://", check=False), "no host"
     )
@@ -208,6 +213,12 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         run_cafuse("extract", index, out, "--store", "ftp://x/y", check=False),
         "unsupported store URL scheme",
     )
+    assert not out.exists()
+
+
+def test_credentials_in_a_store_url_never_leak(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"
+    out = tmp_path / "o.img"
     err = assert_user_error(
         run_cafuse(
             "extract",
@@ -223,6 +234,10 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         )
     )
     assert "hunter2" not in err and "***@" in err
+
+
+def test_make_into_an_http_store_is_refused(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"  # any regular file will do as the input
     assert_user_error(
         run_cafuse(
             "make", tmp_path / "x.caibx", index, "--store", "http://127.0.0.1:1/store", check=False
@@ -230,7 +245,9 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         "read-only",
     )
 
-    # verify tells a store that does not answer from corrupt chunks
+
+def test_verify_tells_an_unreachable_store_from_corrupt_chunks(www: Path) -> None:
+    index = www / "image.caibx"
     proc = run_cafuse(
         "verify", index, "--store", dead_url(), "--retries", "0", "--timeout", "3", check=False
     )
@@ -238,12 +255,12 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
     assert " 0 corrupt" in proc.stdout and "unreadable" in proc.stdout
 
 
-def test_cache_bound_sharing_and_offline(
+def test_cache_stays_within_its_bound(
     www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
 ) -> None:
+    """A cache smaller than the image's chunks: eviction keeps it within its bound."""
     index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     stored = sum(p.stat().st_size for p in (www / "default.castr").rglob("*.cacnk"))
-    # a cache smaller than the image's chunks: eviction keeps it within its bound
     small = tmp_path / "small-cache"
     bound = stored // 3
     out = tmp_path / "out.img"
@@ -255,7 +272,12 @@ def test_cache_bound_sharing_and_offline(
     assert 0 < used <= bound
     assert_cache_holds(small, index, complete=False)
 
-    # two processes filling one cache at once, both right, every cached chunk valid
+
+def test_two_processes_fill_one_cache(
+    www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Two processes filling one cache at once, both right, every cached chunk valid."""
+    index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     shared = tmp_path / "shared-cache"
     procs = [
         subprocess.Popen(
@@ -282,14 +304,20 @@ def test_cache_bound_sharing_and_offline(
         assert sha256_file(tmp_path / f"p{i}.img") == sha256_file(ext4_image)
     assert_cache_holds(shared, index)
 
-    # fill a cache with `cafuse cache`, resumable, then work with the server gone
+
+def test_filled_cache_serves_offline(
+    www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Fill a cache with `cafuse cache`, resumable, then work with the server gone: the
+    extract says its bytes came from the cache."""
+    index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     offline = tmp_path / "offline-cache"
     first = run_cafuse("cache", index, "--store", store, "--cache", offline)
     again = run_cafuse("cache", index, "--store", store, "--cache", offline)
     assert " 0 already cached" in first.stdout and "0 fetched" in again.stdout
     gone = dead_url()
     out2 = tmp_path / "offline.img"
-    run_cafuse(
+    proc = run_cafuse(
         "extract",
         index,
         out2,
@@ -303,6 +331,8 @@ def test_cache_bound_sharing_and_offline(
         "3",
     )
     assert sha256_file(out2) == sha256_file(ext4_image)
+    assert "from stores 0 B" in proc.stdout and "from the cache 0 B" not in proc.stdout
+    assert "serving from the cache only" in proc.stderr
     with mounted(
         index,
         tmp_path / "mnt",
@@ -317,7 +347,10 @@ def test_cache_bound_sharing_and_offline(
     ) as blob:
         assert sha256_file(blob) == sha256_file(ext4_image)
 
-    # an index given by URL: the cache keeps a copy that stands in for it offline
+
+def test_cached_index_url_stands_in_offline(nginx: Nginx, ext4_image: Path, tmp_path: Path) -> None:
+    """An index given by URL: the cache keeps a copy that stands in for it offline."""
+    out2 = tmp_path / "offline.img"
     url_cache = tmp_path / "url-cache"
     run_cafuse("cache", f"{nginx.url}/image.caibx", "--cache", url_cache)
     nginx.stop()

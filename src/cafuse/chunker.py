@@ -1,4 +1,4 @@
-"""Content-defined chunking with FastCDC over a memory map of a file or block device."""
+"""Content-defined chunking with FastCDC over large blocks read from a file or block device."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ runs never pay for it.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -59,12 +60,17 @@ def _bar(total: int, label: str, unit: str) -> Any:
         fmt = "{desc} {percentage:3.0f}%|{bar}| {done_h} / {total_h}, {rate_h}, ETA {remaining}"
     else:
         fmt = "{desc} {done_h} " + unit + ", {rate_h}, {elapsed}"
+    try:
+        known = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:
+        known = False
     return Bar(
         total=total or None,
         desc=label,
         file=sys.stderr,
         bar_format=fmt,
-        dynamic_ncols=True,
+        dynamic_ncols=known,  # follow resizes; a terminal of unknown width gets 80 columns
+        ncols=None if known else 80,
         mininterval=0.1,
         leave=True,
     )

@@ -47,10 +47,11 @@ def remote_options(args: argparse.Namespace):
     )
 
 
-def _concurrency(args: argparse.Namespace, source) -> int:
+def _concurrency(args: argparse.Namespace, stores) -> int:
+    """--concurrency, or its default: more for the network's latency than for local disks."""
     if args.concurrency:
         return args.concurrency
-    if any(not store.is_local for store in source.stores):
+    if any(not store.is_local for store in stores):
         return REMOTE_CONCURRENCY
     return max(4, 2 * (os.cpu_count() or 2))
 
@@ -106,7 +107,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     index, source = _index_and_source(args)
     result = extract(
-        index, args.output, source, in_place=args.in_place, threads=_concurrency(args, source)
+        index,
+        args.output,
+        source,
+        in_place=args.in_place,
+        threads=_concurrency(args, source.stores),
     )
     print(result.summary(args.output))
     _print_store_lines(source)
@@ -124,7 +129,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
             sys.stdout.buffer,
             args.offset,
             args.length,
-            threads=_concurrency(args, source),
+            threads=_concurrency(args, source.stores),
         )
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -137,7 +142,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not args.cache:
         raise CafuseError("cafuse cache needs --cache DIR: the directory to fill")
     index, source = _index_and_source(args)
-    report = fill_cache(index, source, threads=_concurrency(args, source))
+    report = fill_cache(index, source, threads=_concurrency(args, source.stores))
     print(report.summary(args.cache))
     _print_store_lines(source)
     return 0
@@ -191,7 +196,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     remote = remote_options(args)
     store = remote.open(args.store)
-    threads = args.concurrency or REMOTE_CONCURRENCY
+    threads = _concurrency(args, [store])
     if args.index is None:
         report = verify_all_copies(store, repair=args.repair, threads=threads)
         what = "chunk files"

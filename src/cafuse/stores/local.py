@@ -25,7 +25,7 @@ from pathlib import Path
 from ..atomic import free_space
 from ..fileio import describe_file_type
 from ..sizes import format_size
-from .base import ChunkStore, CorruptChunkError, StoreError, Uncompressed, chunk_path
+from .base import ChunkStore, CorruptChunkError, StoreError, Uncompressed
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,6 @@ class LocalStore(ChunkStore):
             raise StoreError(
                 f"store {self.root}: directory does not exist (check the --store path)"
             )
-
-    def _path(self, chunk_id: bytes) -> Path:
-        return self.root / chunk_path(chunk_id)
 
     def _name(self, chunk_id: bytes) -> str:
         """The chunk's path as a string: this runs for every chunk, pathlib costs here."""

@@ -51,8 +51,9 @@ class ExtractResult:
         return (
             f"{path}: {format_size(total)} written; from seeds "
             f"{format_size(self.from_seeds)}, already in output "
-            f"{format_size(self.from_output)}, from the cache {format_size(self.from_cache)}, "
-            f"from stores {format_size(self.from_stores)} (fetched: "
+            f"{format_size(self.from_output)}, "
+            + (f"from the cache {format_size(self.from_cache)}, " if self.from_cache else "")
+            + f"from stores {format_size(self.from_stores)} (fetched: "
             f"{fetched_text(fetched, self.fetched_stored_bytes)}), zero "
             f"{format_size(self.zero)}; {rate:.0f} MB/s"
             + (f"; {self.bad_copies} bad copies skipped (see -v)" if self.bad_copies else "")

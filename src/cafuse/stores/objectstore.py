@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -276,9 +277,13 @@ class ObjectChunkStore(ChunkStore):
         last is asked first, so a store of either kind costs one request per chunk."""
         if timeout is None:
             timeout = self.retry.attempt_timeout(self.retry.timeout)
+        end = time.monotonic() + timeout  # both requests within the one attempt's time
         first = self._bare_first
         for bare in (first, not first):
-            blob = self.get_copy(chunk_id, bare, timeout)
+            left = end - time.monotonic()
+            if left <= 0.001:
+                raise TransientStoreError(f"store {self.url}: timed out")
+            blob = self.get_copy(chunk_id, bare, left)
             if blob is not None:
                 self._bare_first = bare
                 return blob

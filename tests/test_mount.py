@@ -393,3 +393,60 @@ def test_libfuse_reason_is_passed_up() -> None:
         os.write(2, b"fuse: failed to open /dev/fuse: Permission denied\n")
     text = _mount_failure(opts, RuntimeError("fuse_session_mount failed"), said())
     assert "failed to open /dev/fuse: Permission denied" in text and "group" in text
+
+
+_AS_NOBODY = """
+import os, sys
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# everything the mount needs, imported while still root (the interpreter may live where
+# nobody cannot read), then the privileges go
+import cafuse.cli, cafuse.mount.daemon, cafuse.mount.fs, cafuse.mount.reader  # noqa
+import cafuse.resolve, cafuse.fetch, cafuse.scheduler, cafuse.extract  # noqa
+import pyfuse3, trio, numpy, zstandard, blake3, logging.handlers  # noqa
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(cafuse.cli.main(sys.argv[1:]))
+"""
+
+
+def test_mount_without_dev_fuse_access_says_why(made_image) -> None:
+    """A user who cannot open /dev/fuse gets libfuse's reason and what to do, in one line,
+    instead of "fuse_session_mount failed"."""
+    import tempfile
+
+    mode = os.stat("/dev/fuse").st_mode
+    if mode & 0o006 == 0o006:
+        pytest.skip("/dev/fuse is open to every user here: no user lacks access")
+    index, store = made_image
+    work = Path(tempfile.mkdtemp(prefix="cafuse-nobody-"))
+    try:
+        work.chmod(0o755)
+        shutil.copy(index, work / "a.caibx")
+        shutil.copytree(store, work / "store")
+        (work / "mnt").mkdir(mode=0o777)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        for extra in ((), ("--allow-other",)):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _AS_NOBODY,
+                    "mount",
+                    "a.caibx",
+                    "mnt",
+                    "-s",
+                    "store",
+                    *extra,
+                ],
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            err = assert_user_error(proc, "cannot mount at", "/dev/fuse")
+            assert "fuse_session_mount failed" not in err
+            assert "group that owns /dev/fuse" in err or "mount as root" in err
+            assert not os.path.ismount(work / "mnt")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

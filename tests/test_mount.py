@@ -307,6 +307,15 @@ def test_mount_casync_index_with_seed(ext4_image: Path, tmp_path: Path) -> None:
         assert sha256_file(blob) == sha256_file(ext4_image)
         stats = json.loads(run_cafuse("stats", tmp_path / "mnt2", "--json").stdout)
         assert set(stats["origins"]) == {f"seed:{ext4_image}"}
+    # -o seed_dir=: every NAME.caibx there with its file NAME beside it
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    shutil.copy(index, seeds / "old.img.caibx")
+    os.symlink(ext4_image, seeds / "old.img")
+    with mounted(index, tmp_path / "mnt3", "-o", f"store={empty},seed_dir={seeds}") as blob:
+        assert sha256_file(blob) == sha256_file(ext4_image)
+        stats = json.loads(run_cafuse("stats", tmp_path / "mnt3", "--json").stdout)
+        assert set(stats["origins"]) == {f"seed:{seeds / 'old.img'}"}
 
 
 def _daemon_pids(mountpoint: Path) -> list[int]:

@@ -16,6 +16,7 @@ from helpers import assert_user_error, run_cafuse, sha256_file
 from mounting import drop_page_cache, mounted, unmount, wait_for_mount
 from servers import nginx_serving
 
+from cafuse.errors import CafuseError
 from cafuse.index import read_index
 from cafuse.mount.fill import RateLimiter
 from cafuse.profile import ProfileError, Recorder, chunk_plan, dumps, parse
@@ -382,3 +383,24 @@ def test_profile_and_fill_option_errors(www: Path, tmp_path: Path) -> None:
             run_cafuse("stats", blob.parent, "--save-profile", tmp_path / "p", check=False),
             "not recording",
         )
+
+
+def test_fstab_options() -> None:
+    from cafuse.mount.options import MountOptions
+
+    opts = MountOptions("os.caibx", "/mnt")
+    opts.apply("profile=https://h/os.profile,record_profile=/tmp/r.profile,fill_rate=8M")
+    assert opts.profile == "https://h/os.profile" and opts.record_profile == "/tmp/r.profile"
+    assert opts.fill_rate == 8 << 20 and not opts.no_profile
+    opts.apply("noprofile")
+    assert opts.no_profile
+    with pytest.raises(CafuseError, match="fill_rate"):
+        opts.apply("fill_rate=fast")
+
+
+def test_default_profile_beside_the_index(tmp_path: Path) -> None:
+    from cafuse.mount.boot import default_profile
+
+    assert default_profile(str(tmp_path / "os.caibx")) == str(tmp_path / "os.profile")
+    assert default_profile("https://h.example/a/os.caibx") == "https://h.example/a/os.profile"
+    assert default_profile("s3://bucket/p/v2.caibx") == "s3://bucket/p/v2.profile"

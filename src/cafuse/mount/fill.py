@@ -1,9 +1,10 @@
 """Background fill: every chunk of the image into the disk cache, at a bounded rate.
 
 After the profile replay, the fill walks the image from its start, takes the chunks the
-disk cache does not hold yet, and fetches them at the scheduler's lowest priority, a few at
-a time, at most ``rate`` bytes per second on average (counted as stored, the bytes that
-cross the network), pausing while any read waits for a fetch. Fetched chunks go to the
+disk cache does not hold yet, and fetches them at the scheduler's lowest priority, as many
+at a time as there are fetch slots not kept for reads, at most ``rate`` bytes per second on
+average (counted as stored, the bytes that cross the network), pausing while any read
+waits for a fetch. Fetched chunks go to the
 disk cache only, not to the memory cache. What the cache holds is not fetched again, so
 after a remount the fill resumes where it stopped; once it is complete every read is served
 locally and the mount no longer needs the network.
@@ -26,7 +27,7 @@ from .reader import BlobReader
 log = logging.getLogger(__name__)
 
 BATCH = 1024  # chunk positions checked against the cache per thread hop
-WINDOW = 4  # fill fetches in flight
+WINDOW = 32  # fill fetches in flight, at most: over a WAN a few cannot reach the rate
 PAUSE = 0.02  # poll interval while reads wait
 RETRY_AFTER = 30.0  # a walk that left chunks behind (store errors) starts again after this
 
@@ -51,7 +52,8 @@ class RateLimiter:
 
     def _refill(self) -> None:
         now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        if self._tokens < self.burst:  # a refund above the burst is kept, not capped away
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
 
     def charge(self, nbytes: float) -> None:
@@ -81,19 +83,24 @@ class Fill:
         self.reader = reader
         self.cache = cache
         self.rate = rate
-        self.window = window
+        # the slots not kept for reads: the fill never takes more, and it waits while any
+        # read waits, so a read finds a slot
+        sched = reader.scheduler
+        self.window = max(1, min(window, sched.remote_slots - sched.reserved))
         self.batch = batch
         self.limiter: RateLimiter | None = None
         self.bytes_total = 0
         self.bytes_done = 0  # bytes of the image (by position) known to be in the cache
         self.bytes_fetched = 0  # stored bytes this mount fetched for the fill
         self.chunks_fetched = 0
+        self._raw_fetched = 0  # the same chunks' decompressed bytes
         self.failed = 0
         self.paused = 0.0  # seconds spent waiting for reads to finish
         self.complete = False
         self.state = "waiting"
         self.started_at: float | None = None
         self.passes = 0
+        self.position = 0  # offset in the blob of the chunk the walk is at
 
     async def run(self, after: trio.Event | None = None) -> None:
         try:
@@ -132,18 +139,21 @@ class Fill:
                 for first in range(0, index.chunk_count, self.batch):
                     missing, present = await trio.to_thread.run_sync(self._missing, first)
                     self.bytes_done += present
-                    for chunk_id, size, weight in missing:
+                    for chunk_id, size, weight, start in missing:
+                        self.position = start
                         await self._wait_for_reads()
                         await limiter.ready()
                         await limit.acquire()
-                        limiter.charge(size)  # corrected once the stored size is known
-                        nursery.start_soon(self._fetch, chunk_id, size, weight, limit)
+                        guess = self._stored_guess(size)
+                        limiter.charge(guess)  # corrected once the stored size is known
+                        nursery.start_soon(self._fetch, chunk_id, size, guess, weight, limit)
             if self.failed == failed_before:
                 break
             self.state = "retrying"
             log.warning("fill: %d chunks failed, trying again", self.failed - failed_before)
             await trio.sleep(RETRY_AFTER)
         self.complete = True
+        self.position = index.blob_size
         self.state = "complete"
         log.info("fill: complete, every chunk of the image is in the cache")
 
@@ -157,12 +167,12 @@ class Fill:
                 total += end - start
         return total
 
-    def _missing(self, first: int) -> tuple[list[tuple[bytes, int, int]], int]:
+    def _missing(self, first: int) -> tuple[list[tuple[bytes, int, int, int]], int]:
         """Worker thread: the chunks from position ``first`` on (one batch) that the cache
         lacks, each once, with the bytes of the image they stand for in this batch; and
         the bytes the batch's other chunks (in the cache) stand for."""
         index = self.reader.index
-        wanted: dict[bytes, list[int]] = {}
+        wanted: dict[bytes, list[int]] = {}  # id -> size, weight, first start
         for i in range(first, min(first + self.batch, index.chunk_count)):
             if self.reader.is_zero(i):
                 continue
@@ -172,14 +182,14 @@ class Fill:
             if entry is not None:
                 entry[1] += end - start
             else:
-                wanted[chunk_id] = [end - start, end - start]
+                wanted[chunk_id] = [end - start, end - start, start]
         out = []
         present = 0
-        for chunk_id, (size, weight) in wanted.items():
+        for chunk_id, (size, weight, start) in wanted.items():
             if self.cache.has(chunk_id):
                 present += weight
             else:
-                out.append((chunk_id, size, weight))
+                out.append((chunk_id, size, weight, start))
         return out, present
 
     async def _wait_for_reads(self) -> None:
@@ -189,7 +199,16 @@ class Fill:
             self.paused += PAUSE
         self.state = "filling"
 
-    async def _fetch(self, chunk_id: bytes, size: int, weight: int, limit: trio.Semaphore) -> None:
+    def _stored_guess(self, size: int) -> int:
+        """The bytes a chunk of ``size`` will take on the wire, by the compression seen
+        so far: charging the right amount up front keeps bursts small."""
+        if not self._raw_fetched:
+            return size
+        return max(1, round(size * self.bytes_fetched / self._raw_fetched))
+
+    async def _fetch(
+        self, chunk_id: bytes, size: int, guess: int, weight: int, limit: trio.Semaphore
+    ) -> None:
         try:
             flight: Flight | None = None
             while flight is None:
@@ -201,13 +220,15 @@ class Fill:
                 await flight.wait()
             except Exception as exc:
                 self.failed += 1
-                self.limiter.charge(-size)
+                self.limiter.charge(-guess)
                 log.info("fill: chunk %s: %s", chunk_id.hex(), exc)
                 return
             stored = await trio.to_thread.run_sync(self._stored_size, chunk_id)
-            self.limiter.charge((stored if stored is not None else size) - size)
+            stored = stored if stored is not None else size
+            self.limiter.charge(stored - guess)
             self.chunks_fetched += 1
-            self.bytes_fetched += stored if stored is not None else size
+            self.bytes_fetched += stored
+            self._raw_fetched += size
             self.bytes_done += weight
         finally:
             limit.release()
@@ -232,6 +253,7 @@ class Fill:
             "bytes_done": self.bytes_done,
             "bytes_total": self.bytes_total,
             "bytes_fetched": self.bytes_fetched,
+            "position": self.position,
             "chunks_fetched": self.chunks_fetched,
             "chunks_failed": self.failed,
             "rate_limit": self.rate,

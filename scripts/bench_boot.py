@@ -1,0 +1,359 @@
+"""The ``boot`` section of scripts/bench.py: boot profiles and background fill (issue 8).
+
+All through scripts/wanproxy.py (20 ms each way, 100 Mbit/s) in front of nginx, on an ext4
+image of its own built from real files of /usr:
+
+1. a cold "boot": mount the index by URL, loop-mount the image, read a fixed list of a few
+   hundred files in a fixed order; timed without a profile (recording one), with the
+   profile recorded on that first run (published beside the index), and on v2 (5% of the
+   files changed) without a profile and with v1's;
+2. ``--fill-rate 8M``: the bytes crossing the proxy, averaged over windows of 3 s; the fill
+   then finishes, the server stops, and the whole image is read back and compared;
+3. on-demand 4 KiB reads of chunks not fetched yet, p50/p99, with and without a fill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_faults import Report, cafuse, cold_chunks, mounted, one_read, percentile  # noqa: E402
+from helpers import sha256_file  # noqa: E402
+from mounting import unmount  # noqa: E402
+from servers import Nginx, free_port  # noqa: E402
+from wanproxy import WanProxy  # noqa: E402
+
+UUID = "5f0c7e8a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
+HASH_SEED = "0c6e4a1d-2b3f-4a5b-9c8d-7e6f5a4b3c2d"
+IMAGE_MB = 320
+BOOT_FILES = 400
+FILL_RATE = 8 << 20
+DELAY = 0.020
+RATE = 100e6 / 8
+
+
+# ------------------------------------------------------------------ images
+
+
+def build_images(work: Path) -> tuple[Path, Path, list[str]]:
+    """v1 and v2 (5% of the files changed in place) and the boot's file list."""
+    v1, v2, listing = work / "v1.ext4", work / "v2.ext4", work / "boot-files.json"
+    if v1.exists() and v2.exists() and listing.exists():
+        return v1, v2, json.loads(listing.read_text())
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    budget = int(IMAGE_MB * 0.7) << 20
+    copied = 0
+    files: list[Path] = []
+    for root in (Path("/usr/lib"), Path("/usr/share"), Path("/usr/bin")):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                src = Path(dirpath, name)
+                if src.is_symlink() or not src.is_file() or src.stat().st_size > 2 << 20:
+                    continue  # many files, as a root file system has, not a few big ones
+                dest = tree / src.relative_to("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(src, dest)
+                except OSError:
+                    continue
+                files.append(dest)
+                copied += dest.stat().st_size
+                if copied >= budget:
+                    break
+            if copied >= budget:
+                break
+    rng = random.Random(8)
+    # a boot reads a few hundred smallish files scattered over the image, in its own order
+    candidates = [p for p in files if 4 << 10 <= p.stat().st_size <= 512 << 10]
+    boot = [str(p.relative_to(tree)) for p in rng.sample(candidates, BOOT_FILES)]
+    mkfs(tree, v1)
+    for path in rng.sample(files, len(files) // 20):  # v2: 5% of the files changed
+        data = bytearray(path.read_bytes())
+        if data:
+            pos = rng.randrange(len(data))
+            data[pos : pos + 256] = os.urandom(min(256, len(data) - pos))
+            path.write_bytes(bytes(data))
+    mkfs(tree, v2)
+    shutil.rmtree(tree)
+    listing.write_text(json.dumps(boot))
+    return v1, v2, boot
+
+
+def mkfs(tree: Path, image: Path) -> None:
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_MB << 20)
+    subprocess.run(
+        [
+            *("mkfs.ext4", "-q", "-F", "-U", UUID),
+            *("-E", f"hash_seed={HASH_SEED},root_owner=0:0", "-d", str(tree), str(image)),
+        ],
+        check=True,
+    )
+
+
+@contextlib.contextmanager
+def wan(root: Path, work: Path) -> Iterator[tuple[Nginx, WanProxy, str]]:
+    server = Nginx(root, free_port(), work / "nginx")
+    server.start()
+    port = free_port()
+    proxy = WanProxy(port, server.port, delay=DELAY, rate=RATE).start()
+    try:
+        yield server, proxy, f"http://127.0.0.1:{port}"
+    finally:
+        if proxy._thread is not None and proxy._thread.is_alive():  # not stopped already
+            proxy.stop()
+        server.stop()
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# ------------------------------------------------------------------ 1. boots
+
+
+def boot(index_url: str, work: Path, files: list[str], proxy: WanProxy, *args: object) -> dict:
+    """Mount, loop-mount, read every file of the list: seconds and bytes over the link."""
+    drop_caches()
+    before = proxy.down.carried
+    mnt, rootfs = work / "mnt", work / "rootfs"
+    rootfs.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    with mounted(index_url, mnt, *args) as blob:
+        subprocess.run(["mount", "-o", "loop,ro", str(blob), str(rootfs)], check=True)
+        try:
+            nbytes = 0
+            for name in files:
+                nbytes += len((rootfs / name).read_bytes())
+            seconds = time.perf_counter() - started
+        finally:
+            subprocess.run(["umount", str(rootfs)], check=True)
+        stats = json.loads(cafuse("stats", mnt, "--json").stdout)
+    return {
+        "seconds": seconds,
+        "file_bytes": nbytes,
+        "link_bytes": proxy.down.carried - before,
+        "profile": stats.get("profile"),
+    }
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} was not written")
+        time.sleep(0.05)
+
+
+def bench_boots(work: Path, files: list[str], report: Report) -> dict:
+    www = work / "www"
+    out: dict[str, dict] = {}
+    with wan(www, work) as (_, proxy, url):
+        recorded = work / "recorded.profile"
+        recorded.unlink(missing_ok=True)
+        out["v1 cold"] = boot(
+            f"{url}/v1.caibx", work, files, proxy, "--no-profile", "--record-profile", recorded
+        )
+        wait_for_file(recorded)
+        shutil.copy(recorded, www / "v1.profile")  # published beside the index
+        out["v1 profile"] = boot(f"{url}/v1.caibx", work, files, proxy)
+        out["v2 cold"] = boot(f"{url}/v2.caibx", work, files, proxy, "--no-profile")
+        out["v2 v1-profile"] = boot(
+            f"{url}/v2.caibx", work, files, proxy, "--profile", f"{url}/v1.profile"
+        )
+    info = json.loads(cafuse("profile", recorded, "--json", "--index", www / "v1.caibx").stdout)
+    for name, run in out.items():
+        print(
+            f"    {name}: {run['seconds']:.2f} s, {run['link_bytes'] / 1e6:.1f} MB over the "
+            f"link, profile {run['profile']}"
+        )
+    print(f"    profile: {info}")
+    files_mb = out["v1 cold"]["file_bytes"] / 1e6
+    what = f"boot: read {len(files)} files ({files_mb:.1f} MB) of the loop-mounted image, WAN"
+    report.add(
+        f"{what} (20 ms each way, 100 Mbit/s), with the profile recorded on the first boot",
+        f"{out['v1 profile']['seconds']:.2f} s",
+        f"{out['v1 cold']['seconds']:.2f} s (no profile)",
+        out["v1 cold"]["seconds"] / out["v1 profile"]["seconds"],
+        ">= 3x",
+        f"(profile: {info['ranges']} ranges, {info['bytes'] / 1e6:.1f} MB, "
+        f"{info['index']['chunks']} chunks; "
+        f"{out['v1 profile']['link_bytes'] / 1e6:.1f} MB over the link vs "
+        f"{out['v1 cold']['link_bytes'] / 1e6:.1f} MB)",
+    )
+    report.add(
+        "boot: the same on v2 (5% of the files changed) with v1's profile",
+        f"{out['v2 v1-profile']['seconds']:.2f} s",
+        f"{out['v2 cold']['seconds']:.2f} s (no profile)",
+        out["v2 cold"]["seconds"] / out["v2 v1-profile"]["seconds"],
+        ">= 2x",
+        f"({out['v2 v1-profile']['profile']['chunks_fetched']} chunks replayed, "
+        f"{out['v2 v1-profile']['profile']['chunks_never_read']} of them never read)",
+    )
+    return {"runs": out, "profile": info}
+
+
+# ------------------------------------------------------------------ 2. fill
+
+
+def fill_stats(mnt: Path) -> dict:
+    return json.loads(cafuse("stats", mnt, "--json").stdout)["fill"]
+
+
+def bench_fill(work: Path, v1: Path, report: Report) -> dict:
+    www, cache, mnt = work / "www", work / "fill-cache", work / "mnt"
+    shutil.rmtree(cache, ignore_errors=True)
+    with wan(www, work) as (server, proxy, url):
+        index = f"{url}/v1.caibx"
+        args = ("--no-profile", "--cache", cache, "--concurrency", "32")
+        samples: list[tuple[float, int]] = []
+        with mounted(index, mnt, *args, "--fill-rate", str(FILL_RATE)) as blob:
+            while fill_stats(mnt)["state"] != "filling":
+                time.sleep(0.05)
+            time.sleep(0.5)  # past the start
+            for _ in range(25):  # 6 s, or until the fill is done (the image is ~55 MB stored)
+                samples.append((time.perf_counter(), proxy.down.carried))
+                if json.loads(os.getxattr(blob, "user.cafuse.stats"))["fill"]["complete"]:
+                    break
+                time.sleep(0.25)
+        if len(samples) < 14:
+            raise RuntimeError("the fill finished before 3 s of it could be measured")
+        samples = samples[:-1]  # the last one may include the fill's end
+        windows = []
+        for k in range(len(samples) - 12):  # every 3 s window
+            (t0, b0), (t1, b1) = samples[k], samples[k + 12]
+            windows.append((b1 - b0) / (t1 - t0))
+        mean = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+        # the rest at full speed (resuming what the first mount filled), then offline
+        with mounted(index, mnt, *args, "--fill-rate", "1G") as blob:
+            deadline = time.monotonic() + 600
+            while not (snap := fill_stats(mnt))["complete"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"fill not complete: {snap}")
+                time.sleep(0.2)
+            proxy.stop()
+            server.stop()
+            drop_caches()
+            same = sha256_file(blob) == sha256_file(v1)
+    lo, hi = min(windows), max(windows)
+    print(
+        f"    fill at {FILL_RATE >> 20} MiB/s: mean {mean / 1e6:.2f} MB/s, 3 s windows "
+        f"{lo / 1e6:.2f}..{hi / 1e6:.2f} MB/s; offline read identical: {same}"
+    )
+    worst = max(abs(lo - FILL_RATE), abs(hi - FILL_RATE)) / FILL_RATE
+    report.add(
+        f"fill: --fill-rate 8M (8 MiB/s), bytes crossing the WAN proxy over "
+        f"{samples[-1][0] - samples[0][0]:.1f} s, range of the 3 s windows",
+        f"{lo / 1e6:.2f}..{hi / 1e6:.2f} MB/s (mean {mean / 1e6:.2f})",
+        f"{FILL_RATE / 1e6:.2f} MB/s",
+        1 - worst,
+        ">= 0.75x (within 25%)",
+        f"(--concurrency 32: at 16 the proxy's ~70 ms per request caps it near 5 MB/s; "
+        f"after fill.complete, server stopped: whole image read back identical = {same})",
+    )
+    return {"mean": mean, "windows": windows, "offline_identical": same}
+
+
+# ------------------------------------------------------------------ 3. reads during a fill
+
+
+def fill_position(blob: Path) -> int:
+    stats = json.loads(os.getxattr(blob, "user.cafuse.stats"))
+    return int(stats["fill"]["position"]) if "fill" in stats else 0
+
+
+def sample_ahead(
+    blob: Path, chunks: list[tuple[int, int]], rng: random.Random, count: int, fill: bool
+) -> list[float]:
+    """4 KiB reads of random chunks that neither this mount nor its fill fetched yet."""
+    used: set[int] = set()
+    out = []
+    while len(out) < count:
+        floor = fill_position(blob) + (32 << 20) if fill else 0
+        candidates = [c for c in chunks if c[0] >= floor and c[0] not in used]
+        if not candidates:
+            break
+        start, size = rng.choice(candidates)
+        used.add(start)
+        out.append(one_read(blob, start + rng.randrange(0, max(1, size - 4096)) // 4096 * 4096))
+        time.sleep(0.05)
+    return out
+
+
+def bench_fill_latency(work: Path, report: Report, samples: int = 40) -> dict:
+    www, mnt = work / "www", work / "mnt"
+    chunks = cold_chunks(www / "v1.caibx")
+    results = {}
+    with wan(www, work) as (_, _proxy, url):
+        for kind in ("idle", "fill"):
+            cache = work / f"lat-cache-{kind}"
+            shutil.rmtree(cache, ignore_errors=True)
+            extra: tuple[object, ...] = ("--fill-rate", str(FILL_RATE)) if kind == "fill" else ()
+            with mounted(f"{url}/v1.caibx", mnt, "--no-profile", "--cache", cache, *extra) as b:
+                if kind == "fill":
+                    while fill_stats(mnt)["state"] != "filling":
+                        time.sleep(0.05)
+                results[kind] = sample_ahead(b, chunks, random.Random(3), samples, kind == "fill")
+                if kind == "fill":
+                    print(f"    during the fill: {fill_stats(mnt)}")
+            shutil.rmtree(cache, ignore_errors=True)
+    i50, i99 = percentile(results["idle"], 50), percentile(results["idle"], 99)
+    f50, f99 = percentile(results["fill"], 50), percentile(results["fill"], 99)
+    print(f"    reads p50/p99: idle {i50:.1f}/{i99:.1f} ms, during fill {f50:.1f}/{f99:.1f} ms")
+    for label, base, busy in (("p50", i50, f50), ("p99", i99, f99)):
+        report.add(
+            f"fill: on-demand 4 KiB reads of unfetched chunks during a fill at 8 MiB/s, {label}",
+            f"{busy:.0f} ms",
+            f"{base:.0f} ms (no fill)",
+            base / busy,
+            ">= 0.5x (the fill must not double it)",
+            f"({len(results['fill'])} and {len(results['idle'])} reads, WAN proxy)",
+        )
+    return {
+        "idle_ms": [x * 1000 for x in results["idle"]],
+        "fill_ms": [x * 1000 for x in results["fill"]],
+    }
+
+
+# ------------------------------------------------------------------ the section
+
+
+def bench_boot(work: Path, report: Report) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    for path in (work / "mnt", work / "rootfs"):
+        if path.exists() and os.path.ismount(path):
+            unmount(path)
+    print(f"bench: boot section in {work}", flush=True)
+    v1, v2, files = build_images(work)
+    www = work / "www"
+    if not (www / "v2.caibx").exists():
+        www.mkdir(exist_ok=True)
+        cafuse("make", www / "v1.caibx", v1, "--store", www / "default.castr")
+        cafuse("make", www / "v2.caibx", v2, "--store", www / "default.castr")
+    (www / "v1.profile").unlink(missing_ok=True)
+    extra = {"boots": bench_boots(work, files, report)}
+    extra["fill"] = bench_fill(work, v1, report)
+    extra["latency"] = bench_fill_latency(work, report)
+    return extra
+
+
+if __name__ == "__main__":
+    from bench import Report as Table
+
+    table = Table()
+    bench_boot(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/var/tmp/profile-bench"), table)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from helpers import assert_user_error, run_cafuse, sha256_file
 from mounting import drop_page_cache, mounted, unmount, wait_for_mount
 from servers import nginx_serving
@@ -404,3 +405,92 @@ def test_default_profile_beside_the_index(tmp_path: Path) -> None:
     assert default_profile(str(tmp_path / "os.caibx")) == str(tmp_path / "os.profile")
     assert default_profile("https://h.example/a/os.caibx") == "https://h.example/a/os.profile"
     assert default_profile("s3://bucket/p/v2.caibx") == "s3://bucket/p/v2.profile"
+
+
+# ---------------------------------------------------------------------- the fill, with fakes
+
+
+class _Index:
+    chunk_count, chunk_max, blob_size = 10, 100, 1000
+
+    def span(self, i: int) -> tuple[int, int]:
+        return i * 100, (i + 1) * 100
+
+    def chunk_id(self, i: int) -> bytes:
+        return bytes([i]) * 32
+
+
+class _Flight:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def wait(self) -> bytes:
+        await trio.sleep(0.01)
+        return b"x" * self.size
+
+
+class _Scheduler:
+    remote_slots, reserved = 16, 4
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.requests: list[tuple[float, bytes, bool]] = []
+
+    def request(self, items, priority):
+        from cafuse.scheduler import Priority
+
+        assert priority == Priority.FILL
+        (chunk_id, size), *_ = items
+        self.requests.append((trio.current_time(), chunk_id, bool(self.reader.waiting_reads)))
+        return [_Flight(size)]
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.index = _Index()
+        self.waiting_reads = 0
+        self.scheduler = _Scheduler(self)
+
+    def is_zero(self, i: int) -> bool:
+        return i == 9
+
+
+class _Cache:
+    max_bytes = 1 << 30
+
+    def __init__(self, held: set[bytes]) -> None:
+        self.held = held
+
+    def has(self, chunk_id: bytes) -> bool:
+        return chunk_id in self.held
+
+    def _name(self, chunk_id: bytes) -> str:
+        return "/nonexistent/chunk"
+
+
+def test_fill_skips_what_the_cache_holds_waits_for_reads_and_keeps_the_rate() -> None:
+    from cafuse.mount.fill import Fill
+
+    reader = _Reader()
+    held = {reader.index.chunk_id(i) for i in range(3)}
+    fill = Fill(reader, _Cache(held), rate=1000)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        reader.waiting_reads = 1  # a read waits: the fill must not start fetching
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fill.run)
+            while fill.state != "paused for reads":  # past the walk's first batch
+                await trio.sleep(0.01)
+            await trio.sleep(2.0)
+            assert reader.scheduler.requests == []
+            assert fill.state == "paused for reads"
+            reader.waiting_reads = 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    requests = reader.scheduler.requests
+    # chunks 3..8: the cache held 0..2, chunk 9 is zeros
+    assert [r[1] for r in requests] == [reader.index.chunk_id(i) for i in range(3, 9)]
+    assert not any(r[2] for r in requests)
+    assert fill.complete and fill.bytes_done == fill.bytes_total == 900
+    # 600 bytes at 1000 B/s with a burst of 200: the last request no sooner than 0.4 s in
+    assert requests[-1][0] - requests[0][0] >= (600 - 200 - 100) / 1000

@@ -193,7 +193,9 @@ def test_record_then_replay(www: Path, nginx, ext4_image: Path, tmp_path: Path) 
     # published beside the index: used by default; the boot's reads need no fetch
     shutil.copy(recorded, www / "image.profile")
     try:
-        with mounted(index, tmp_path / "mnt", "--readahead", "0") as blob:
+        refined, cache = tmp_path / "refined.profile", tmp_path / "cache"
+        args = ("--readahead", "0", "--record-profile", refined, "--cache", cache)
+        with mounted(index, tmp_path / "mnt", *args) as blob:
             snap = wait_for(blob.parent, lambda s: s["profile"]["done"])
             replay = snap["profile"]
             assert replay["chunks_planned"] > 0
@@ -209,6 +211,12 @@ def test_record_then_replay(www: Path, nginx, ext4_image: Path, tmp_path: Path) 
             assert after["profile"]["chunks_read_later"] > 0
             text = run_cafuse("stats", blob.parent).stdout
             assert "profile: " in text and "read since" in text
+            # the replayed chunks went to the disk cache too
+            assert len(list(cache.rglob("*.cacnk"))) >= replay["chunks_fetched"]
+        # recording on a replayed mount: the reads (the replay's fetches are not reads)
+        again = parse(wait_for_file(refined).read_bytes())
+        for offset, size in READS:
+            assert any(o <= offset and offset + size <= o + n for o, n, _ in again.ranges)
         with mounted(index, tmp_path / "mnt", "--no-profile") as blob:
             assert "profile" not in stats(blob.parent)
     finally:

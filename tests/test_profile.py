@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -322,7 +323,8 @@ def test_fill_resumes_after_remount_and_works_offline(
         assert sha256_file(blob) == sha256_file(ext4_image)
 
 
-def test_fill_stops_cleanly_at_unmount(www: Path, nginx, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["umount", "sigterm"])
+def test_fill_stops_cleanly_at_unmount(www: Path, nginx, tmp_path: Path, how: str) -> None:
     cache, log = tmp_path / "cache", tmp_path / "daemon.log"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -337,14 +339,19 @@ def test_fill_stops_cleanly_at_unmount(www: Path, nginx, tmp_path: Path) -> None
     try:
         wait_for_mount(mnt, daemon)
         wait_for(mnt, lambda s: s["fill"]["bytes_done"] > 0)
-        run_cafuse("umount", mnt)
+        if how == "umount":
+            run_cafuse("umount", mnt)
+        else:
+            daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
+        assert not os.path.ismount(mnt)
     finally:
         unmount(mnt)
         if daemon.poll() is None:
             daemon.kill()
     text = log.read_text()
     assert "Traceback" not in text and "unmounted" in text, text
+    assert "failed" not in text, text  # shutting down is not a failed fetch
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..scheduler import Flight, Priority
+from ..scheduler import Flight, Priority, ShuttingDown
 from ..stores import CacheStore
 from .reader import BlobReader
 
@@ -218,6 +218,8 @@ class Fill:
             assert self.limiter is not None
             try:
                 await flight.wait()
+            except ShuttingDown:  # unmounting: not a failure; no refund, so the walk waits
+                return
             except Exception as exc:
                 self.failed += 1
                 self.limiter.charge(-guess)

@@ -14,7 +14,7 @@ import logging
 import trio
 
 from ..profile import Profile, chunk_plan
-from ..scheduler import Flight, Priority
+from ..scheduler import Flight, Priority, ShuttingDown
 from .reader import BlobReader
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class Replay:
         async with trio.open_nursery() as nursery:
             limit = trio.Semaphore(self.window)
             for i in plan:
+                if self.stopped:
+                    break
                 if not self.has_disk_cache and self.fetched_bytes >= self.budget:
                     self.stopped = "the memory cache's share for the profile is full"
                     break
@@ -93,6 +95,8 @@ class Replay:
     async def _await(self, flight: Flight, limit: trio.Semaphore) -> None:
         try:
             await flight.wait()
+        except ShuttingDown:
+            self.stopped = "the mount is shutting down"
         except Exception as exc:  # a failed chunk costs the profile that chunk only
             self.failed += 1
             log.debug("profile chunk %s: %s", flight.chunk_id.hex(), exc)

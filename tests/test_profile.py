@@ -277,6 +277,15 @@ def test_bad_profiles_warn_and_the_mount_works(
     finally:
         unmount(tmp_path / "mnt")
 
+    # a profile URL that is not there: a warning too
+    proc = run_cafuse("mount", index, tmp_path / "mnt", "--profile", f"{nginx.url}/gone.profile")
+    try:
+        assert "cafuse: warning:" in proc.stderr and "gone.profile not found" in proc.stderr
+        (name,) = os.listdir(tmp_path / "mnt")
+        assert pread_all(tmp_path / "mnt" / name, READS[:1]) == expected(ext4_image, READS[:1])
+    finally:
+        unmount(tmp_path / "mnt")
+
     # a corrupt profile beside the index: the same warning, the same working mount
     (www / "image.profile").write_bytes(b"not json")
     try:

@@ -84,10 +84,20 @@ def load_profile(opts: MountOptions) -> tuple[Profile | None, list[str]]:
             return None, [f"profile {text} not found: mounting without it"]
         log.info("no profile beside the index (%s)", text)
         return None, []
+    except _Unreachable as exc:
+        if explicit:
+            return None, [f"{exc}: mounting without a profile"]
+        # offline, or a store that answers 403 for a missing object: no profile, quietly
+        log.info("%s: mounting without a profile", exc)
+        return None, []
     except ProfileError as exc:
         return None, [f"{exc}: mounting without a profile"]
     log.info("profile %s: %d ranges", text, len(profile.ranges))
     return profile, []
+
+
+class _Unreachable(ProfileError):
+    """The profile could not be fetched (as opposed to fetched and found corrupt)."""
 
 
 def _fetch(text: str, opts: MountOptions) -> Profile:
@@ -114,7 +124,7 @@ def _fetch(text: str, opts: MountOptions) -> Profile:
     except StoreError as exc:
         if "not found" in str(exc):
             raise FileNotFoundError(text) from None
-        raise ProfileError(f"cannot fetch profile {location.display}: {exc}") from None
+        raise _Unreachable(f"cannot fetch profile {location.display}: {exc}") from None
     if len(raw) > MAX_PROFILE_BYTES:
         raise ProfileError(f"profile {location.display}: larger than 64 MiB")
     return parse(raw, location.display)

@@ -37,7 +37,10 @@ from benchkit import (
 )
 from benchkit import write_markdown as _write_markdown
 
-SECTIONS = ("make", "extract", "update", "mount", "startup", "http", "wan", "faults", "soak")
+SECTIONS = (
+    *("make", "extract", "update", "mount", "startup", "http", "wan", "faults", "soak"),
+    "boot",
+)
 
 
 def bench_faults(work: Path, size_mb: int, timeouts: str, report: Report) -> None:
@@ -126,7 +129,7 @@ def main() -> None:
     report = Report()
     only = set(args.only.split(","))
     v1 = v2 = None
-    if only - {"faults", "soak"}:
+    if only - {"faults", "soak", "boot"}:
         print(f"bench: building images in {args.work}", flush=True)
         v1, v2 = build_images(args.work, args.size_mb)
     if "make" in only:
@@ -149,6 +152,10 @@ def main() -> None:
         bench_faults(args.work, args.faults_size_mb, args.faults_timeouts, report)
     if "soak" in only:
         bench_soak(args.soak_minutes, report)
+    if "boot" in only:  # boot profiles and fill (scripts/bench_boot.py), an image of its own
+        from bench_boot import bench_boot
+
+        report.extra["boot"] = bench_boot(args.work / "boot", report)
     write_markdown(report, args, v1, time.monotonic() - started)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)

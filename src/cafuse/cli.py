@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .mount.cli import add_mount_commands  # light: no pyfuse3 import at this point
 
     add_mount_commands(sub)
+
+    from .profile import add_profile_command
+
+    add_profile_command(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from .. import defaults
 from ..args import (
@@ -49,11 +50,84 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     if args.log:
         opts.log_file = args.log
     opts.foreground = args.foreground
+    _profile_options(args, opts)
     if args.allow_other:
         opts.fuse_options.add("allow_other")
     if "/" in opts.file_name or opts.file_name in ("", ".", ".."):
         raise CafuseError(f"bad --name {opts.file_name!r}: give a plain file name")
     return opts
+
+
+def _profile_options(args: argparse.Namespace, opts: MountOptions) -> None:
+    """Boot profiles and background fill (mount/boot.py)."""
+    opts.profile = args.profile or opts.profile
+    opts.no_profile = args.no_profile or opts.no_profile
+    opts.record_profile = args.record_profile or opts.record_profile
+    if args.fill_rate:
+        opts.fill_rate = parse_size(args.fill_rate, "--fill-rate")
+
+
+def _add_profile_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("boot profiles and background fill")
+    group.add_argument(
+        "--profile",
+        metavar="FILE_OR_URL",
+        help="replay this profile right after mounting (default: <index name>.profile "
+        "beside the index, when there is one)",
+    )
+    group.add_argument(
+        "--no-profile", action="store_true", help="replay no profile, not even the default"
+    )
+    group.add_argument(
+        "--record-profile",
+        metavar="FILE",
+        help="record the byte ranges read, written to FILE at unmount",
+    )
+    group.add_argument(
+        "--fill-rate",
+        metavar="RATE",
+        help="after the profile, fetch the rest of the image into --cache at RATE bytes "
+        "per second (K/M/G suffixes)",
+    )
+
+
+def save_profile(mountpoint: str, path: str) -> int:
+    """Write the recording of a mount started with --record-profile to ``path``."""
+    from ..profile import XATTR_PAGE, XATTR_PREFIX, parse, write
+
+    target = _stats_file(mountpoint)
+    pages: list[bytes] = []
+    while True:
+        try:
+            page = os.getxattr(target, f"{XATTR_PREFIX}{len(pages)}")
+        except OSError as exc:
+            if not pages:
+                raise CafuseError(
+                    f"{mountpoint} is not recording a profile: mount it with --record-profile"
+                ) from None
+            raise CafuseError(f"{mountpoint}: reading the profile: {exc.strerror}") from None
+        pages.append(page)
+        if len(page) < XATTR_PAGE:
+            break
+    raw = b"".join(pages)
+    profile = parse(raw, f"the recording of {mountpoint}")  # never write a torn one
+    write(path, raw)
+    return len(profile.ranges)
+
+
+def _stats_file(mountpoint: str) -> str:
+    try:
+        names = os.listdir(mountpoint)
+    except OSError as exc:
+        raise CafuseError(f"{mountpoint}: {exc.strerror}") from None
+    for name in names:
+        path = os.path.join(mountpoint, name)
+        try:
+            os.getxattr(path, STATS_XATTR)
+        except OSError:
+            continue
+        return path
+    raise CafuseError(f"{mountpoint} is not a cafuse mount (no statistics found)")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -84,6 +158,9 @@ def read_stats(mountpoint: str) -> dict:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = read_stats(args.mountpoint)
+    if args.save_profile:
+        ranges = save_profile(args.mountpoint, args.save_profile)
+        print(f"profile: {ranges} ranges written to {args.save_profile}", file=sys.stderr)
     if args.json:
         print_json(stats)
         return 0
@@ -120,6 +197,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"fetching: {fetching or 'none'}; {sched['remote_slots']} remote slots, "
             f"{sched['reserved_for_reads']} kept for reads"
         )
+    from .boot import stats_lines
+
+    for line in stats_lines(stats):
+        print(line)
     if stats["errors"]:
         print("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())))
     return 0
@@ -180,6 +261,7 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         metavar="OPTIONS",
         help="comma-separated options as in fstab, each the same as its --option: " + _o_list(),
     )
+    _add_profile_options(p)
     add_remote_options(p)
     p.set_defaults(handler=cmd_mount)
 
@@ -190,4 +272,9 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="live statistics of a mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--save-profile",
+        metavar="FILE",
+        help="also write the profile recorded so far (mount --record-profile) to FILE",
+    )
     p.set_defaults(handler=cmd_stats)

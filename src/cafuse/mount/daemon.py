@@ -87,6 +87,9 @@ def mount(opts: MountOptions) -> int:
     from ..stores import parse_location
 
     check_mountpoint(opts.mountpoint)
+    from .boot import check_options
+
+    check_options(opts)
     # checks that start no threads happen here; opening remote stores starts obstore's
     # runtime threads, which a fork would lose, so that waits for the child
     for text in (opts.index, *opts.stores):
@@ -109,6 +112,9 @@ def mount(opts: MountOptions) -> int:
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace").strip()
+        *warnings, message = message.split("\n") or [""]
+        for line in warnings:  # from the child before "ok": the profile's, say
+            print(f"cafuse: {line}", file=sys.stderr)
         if message == "ok":
             return 0
         if not message:
@@ -185,6 +191,10 @@ def _make_paths_absolute(opts: MountOptions) -> None:
         opts.cache = os.path.abspath(opts.cache)
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
+    if opts.profile:
+        opts.profile = _absolute(opts.profile)
+    if opts.record_profile:
+        opts.record_profile = os.path.abspath(opts.record_profile)
 
 
 def _check_log_file(path: str | None) -> None:
@@ -235,10 +245,12 @@ def _serve(opts: MountOptions, ready: Readiness | None) -> int:
     import trio
 
     from ..stores import parse_location
+    from .boot import Boot, load_profile
     from .fs import BlobFS
     from .reader import BlobReader
 
     index, source, mtime_ns = _open_image(opts)
+    profile, warnings = load_profile(opts)
     # a local chunk takes about as long to decompress and verify as a thread hop costs the
     # event loop (~80 us): local sources are read in batches, no more threads than cores.
     # Remote fetches wait on the network: one chunk per thread, many threads.
@@ -252,7 +264,9 @@ def _serve(opts: MountOptions, ready: Readiness | None) -> int:
         batch=8,
         hedge=opts.hedge,
     )
+    boot = Boot.build(reader, opts, profile)
     fs = BlobFS(reader, opts.file_name, mtime_ns)
+    fs.recorder = boot.recorder
     fuse_options = set(opts.fuse_options)
     location = parse_location(opts.index, "index")
     fuse_options.add(
@@ -275,17 +289,23 @@ def _serve(opts: MountOptions, ready: Readiness | None) -> int:
         index.chunk_count,
         index.blob_size,
     )
+    for warning in warnings:
+        log.warning("%s", warning)
+        if ready is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready, f"warning: {warning}".replace("\n", " ").encode() + b"\n")
     if ready is not None:
         ready.report("ok")
     try:
-        trio.run(_main, reader)
+        trio.run(_main, reader, boot)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)
+        boot.save()
     return 0
 
 
-async def _main(reader) -> None:
+async def _main(reader, boot) -> None:
     import pyfuse3
     import trio
 
@@ -300,6 +320,7 @@ async def _main(reader) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         nursery.start_soon(on_signal)
+        nursery.start_soon(boot.run)  # profile replay, then background fill
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

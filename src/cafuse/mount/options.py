@@ -37,7 +37,10 @@ IGNORED_OPTIONS = {
     "suid",
     "dev",
 }
-FLAG_OPTIONS = {"nohedge": ("hedge", False)}  # cafuse switches without a value
+FLAG_OPTIONS = {
+    "nohedge": ("hedge", False),
+    "noprofile": ("no_profile", True),
+}  # cafuse switches without a value
 PASSED_OPTIONS = {"allow_other", "allow_root", "noexec", "noatime"}
 
 
@@ -61,6 +64,11 @@ class MountOptions:
     foreground: bool = False
     log_file: str | None = None
     fuse_options: set[str] = field(default_factory=lambda: set(DEFAULT_FUSE_OPTIONS))
+    # boot profiles and background fill (mount/boot.py)
+    profile: str | None = None
+    no_profile: bool = False
+    record_profile: str | None = None
+    fill_rate: int | None = None
 
     @property
     def file_name(self) -> str:
@@ -110,6 +118,10 @@ SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "cache_size": _set_cache_size,
     "s3_endpoint": lambda o, v: setattr(o, "s3_endpoint", v),
     "s3_region": lambda o, v: setattr(o, "s3_region", v),
+    # boot profiles and background fill
+    "profile": lambda o, v: setattr(o, "profile", v),
+    "record_profile": lambda o, v: setattr(o, "record_profile", v),
+    "fill_rate": lambda o, v: setattr(o, "fill_rate", parse_size(v, "fill_rate")),
 }
 
 

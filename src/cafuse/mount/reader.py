@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -73,6 +74,15 @@ class ChunkCache:
             _, old = self._items.popitem(last=False)
             self.size -= len(old)
 
+    def put_cold(self, chunk_id: bytes, data: bytes) -> None:
+        """Add as the least recently used: a prefetched chunk never pushes out one in use
+        (when the cache is full, it is the one dropped)."""
+        if chunk_id in self._items or self.size + len(data) > self.capacity:
+            return
+        self._items[chunk_id] = data
+        self._items.move_to_end(chunk_id, last=False)
+        self.size += len(data)
+
 
 class BlobReader:
     def __init__(
@@ -111,6 +121,9 @@ class BlobReader:
         self.served_from = {"memory": 0, "fetch": 0, "zero": 0}
         self.reads = 0
         self.failed_reads = 0
+        # boot profiles (mount/boot.py): told of every read; more sections in snapshot()
+        self.observers: list[Callable[[int, int], None]] = []
+        self.extra_stats: dict[str, Callable[[], object]] = {}
 
     @property
     def size(self) -> int:
@@ -142,6 +155,8 @@ class BlobReader:
         if not chunks:
             return b""
         self.reads += 1
+        for observe in self.observers:
+            observe(offset, size)
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
         ends = self._ends
@@ -254,6 +269,15 @@ class BlobReader:
             self.scheduler.request(wanted, Priority.READAHEAD)
         state.ahead_until = max(state.ahead_until, last)
 
+    @property
+    def waiting_reads(self) -> int:
+        """Reads waiting for a fetch right now."""
+        return self._waiting_reads
+
+    def is_zero(self, i: int) -> bool:
+        """Chunk ``i`` is all zeros (served without a fetch)."""
+        return bool(self._zero[i])
+
     def forget_stream(self, stream: int) -> None:
         self._streams.pop(stream, None)
 
@@ -277,4 +301,6 @@ class BlobReader:
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
+        for name, section in self.extra_stats.items():
+            snap[name] = section()
         return snap

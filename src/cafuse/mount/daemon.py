@@ -154,6 +154,12 @@ class Readiness:
     def pending(self) -> bool:
         return self._fd is not None
 
+    def warn(self, message: str) -> None:
+        """A warning for the user's terminal, before the one report."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, f"warning: {message}".replace("\n", " ").encode() + b"\n")
+
     def report(self, message: str) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
@@ -292,8 +298,7 @@ def _serve(opts: MountOptions, ready: Readiness | None) -> int:
     for warning in warnings:
         log.warning("%s", warning)
         if ready is not None:
-            with contextlib.suppress(OSError):
-                os.write(ready, f"warning: {warning}".replace("\n", " ").encode() + b"\n")
+            ready.warn(warning)
     if ready is not None:
         ready.report("ok")
     try:

@@ -21,10 +21,11 @@ from .chunktable import Batch, ChunkTable, whole_table_step
 from .fetch import ChunkSource
 from .output import Output
 from .progress import Progress
-from .sizes import format_size
+from .sizes import fetched_text, format_size
 
 log = logging.getLogger(__name__)
 
+BAD_COPY_KINDS = ("corrupt", "seed mismatch", "cache repaired")
 GROUPS_PER_TASK = 64  # local sources: few, large tasks (a task costs a future and a hop)
 GROUPS_PER_REMOTE_TASK = 2  # remote: a slow or retried chunk must not hold up 63 others
 
@@ -36,6 +37,7 @@ class ExtractResult:
     from_seeds: int = 0
     from_output: int = 0
     from_stores: int = 0
+    from_cache: int = 0
     zero: int = 0
     fetched_stored_bytes: int = 0
     bad_copies: int = 0  # corrupt chunks or stale seed bytes skipped for a good copy
@@ -43,13 +45,16 @@ class ExtractResult:
     by_origin: dict[str, int] = field(default_factory=dict)
 
     def summary(self, path: str) -> str:
-        total = self.from_seeds + self.from_output + self.from_stores + self.zero
+        fetched = self.from_stores + self.from_cache
+        total = self.from_seeds + self.from_output + fetched + self.zero
         rate = total / self.seconds / 1e6 if self.seconds else 0.0
         return (
             f"{path}: {format_size(total)} written; from seeds "
             f"{format_size(self.from_seeds)}, already in output "
-            f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
-            f"({format_size(self.fetched_stored_bytes)} fetched), zero "
+            f"{format_size(self.from_output)}, "
+            + (f"from the cache {format_size(self.from_cache)}, " if self.from_cache else "")
+            + f"from stores {format_size(self.from_stores)} (fetched: "
+            f"{fetched_text(fetched, self.fetched_stored_bytes)}), zero "
             f"{format_size(self.zero)}; {rate:.0f} MB/s"
             + (f"; {self.bad_copies} bad copies skipped (see -v)" if self.bad_copies else "")
         )
@@ -198,9 +203,13 @@ def extract(
             result.from_output += n
         elif origin == "seed":
             result.from_seeds += n
+        elif origin.startswith("cache:"):
+            result.from_cache += n
         else:
             result.from_stores += n
     result.fetched_stored_bytes = sum(c.stored_bytes for c in source.stats.origins.values())
-    result.bad_copies = sum(source.stats.errors.values())
+    # copies passed over for a good one; not "unavailable" or a store's I/O error, which are
+    # no copy at all (one corrupt file is one bad copy)
+    result.bad_copies = sum(source.stats.errors.get(k, 0) for k in BAD_COPY_KINDS)
     result.seconds = time.monotonic() - started
     return result

@@ -1,7 +1,7 @@
 """The casync blob index (``.caibx``): strict vectorised parsing, streaming atomic writing,
 and the chunk table that maps byte offsets to chunks.
 
-Layout (shared/format.md): a 48-byte header, a 16-byte table header, one 40-byte item per
+Layout (docs/format.md): a 48-byte header, a 16-byte table header, one 40-byte item per
 chunk (little-endian u64 END offset, then the 32-byte chunk id), and a 40-byte tail.
 """
 

@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from .chunktable import ChunkTable, whole_table_step
+from .codec import decompress
 from .digest import hash_function
 from .errors import CafuseError
 from .fetch import decode
 from .locks import LockEntry, NoLock, StoreLock, blocking_locks, store_lock
 from .progress import Progress
 from .sizes import format_duration
-from .stores import ChunkStore, StoreError
-from .stores.local import CorruptChunk
-from .tablepass import (
-    INFO_DISTINCT_CAP,
-    DistinctKeys,
-    SizeHistogram,
-    distinct_batches,
-)
+from .stores import ChunkStore, StoreError, chunk_path
+from .stores.base import Uncompressed
+from .stores.local import MAX_CHUNK_SIZE, CorruptChunk
+from .tablepass import INFO_DISTINCT_CAP, DistinctKeys, SizeHistogram, distinct_batches
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def index_info(index: ChunkTable) -> dict[str, object]:
@@ -84,9 +85,19 @@ class VerifyReport:
     checked: int = 0
     missing: list[bytes] = field(default_factory=list)
     corrupt: list[bytes] = field(default_factory=list)
+    corrupt_copies: list[str] = field(default_factory=list)  # store paths of corrupt files
     unreadable: list[bytes] = field(default_factory=list)  # the store failed to answer
     first_error: str = ""  # why the first unreadable chunk could not be read
     repaired: int = 0
+
+
+def _delete_copy(store: ChunkStore, chunk_id: bytes, bare: bool) -> None:
+    """Delete one bad copy; a store that cannot tell copies apart deletes the chunk."""
+    delete_copy = getattr(store, "delete_copy", None)
+    if delete_copy is not None:
+        delete_copy(chunk_id, bare)
+    else:
+        store.delete(chunk_id)
 
 
 def verify_store(
@@ -97,51 +108,135 @@ def verify_store(
     threads: int = 8,
     progress: bool | None = None,
 ) -> VerifyReport:
-    """Read every distinct chunk the index names, decompress it and check its digest
-    (one pass over the table in batches; progress is in bytes of the image)."""
-    seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
+    """Read every distinct chunk the index names, decompress it and check its digest.
+
+    The copy checked is the one readers get (``.cacnk`` before bare). ``repair`` deletes
+    that copy only when it is corrupt, never a good copy beside it. One pass over the
+    table in batches; progress is in bytes of the image.
+    """
     hash_chunk = hash_function(index.digest)
+    seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
     report = VerifyReport()
     bar = Progress(index.blob_size, "verify", progress)
 
-    def check(job: tuple[bytes, int]) -> tuple[bytes, str]:
+    def check(job: tuple[bytes, int]) -> tuple[bytes, str, bool]:
         chunk_id, size = job
         try:
             blob = store.get(chunk_id)
         except CorruptChunk as exc:
             log.info("%s", exc)
-            return chunk_id, "corrupt"
+            return chunk_id, "corrupt", False
         except StoreError as exc:
-            return chunk_id, f"error: {exc}"
+            return chunk_id, f"error: {exc}", False
         if blob is None:
-            return chunk_id, "missing"
+            return chunk_id, "missing", False
+        bare = isinstance(blob, Uncompressed)
         try:
             decode(blob, chunk_id, size, hash_chunk)
         except ValueError:
-            return chunk_id, "corrupt"
-        return chunk_id, "ok"
+            return chunk_id, "corrupt", bare
+        return chunk_id, "ok", bare
 
     with ThreadPoolExecutor(threads) as pool:
         for batch in index.batches(whole_table_step(index)):
-            bar.update(int(batch.sizes.sum()))
             keep = seen.first_seen(batch)
             jobs = [(batch.chunk_id(j), int(batch.sizes[j])) for j in keep.tolist()]
-            for chunk_id, verdict in pool.map(check, jobs, chunksize=64):
+            for chunk_id, verdict, bare in pool.map(check, jobs, chunksize=64):
                 report.checked += 1
                 if verdict == "missing":
                     report.missing.append(chunk_id)
                 elif verdict == "corrupt":
                     report.corrupt.append(chunk_id)
+                    report.corrupt_copies.append(chunk_path(chunk_id, bare))
                     log.info("chunk %s corrupt", chunk_id.hex())
                     if repair:
-                        store.delete(chunk_id)
+                        _delete_copy(store, chunk_id, bare)
                         report.repaired += 1
                 elif verdict != "ok":
                     report.unreadable.append(chunk_id)
                     report.first_error = report.first_error or verdict.removeprefix("error: ")
                     log.info("chunk %s %s", chunk_id.hex(), verdict)
+            bar.update(int(batch.sizes.sum()))
     bar.close()
     return report
+
+
+# what a store-wide verify tries, in this order, to tell which digest names a chunk: a
+# store has no index saying it (desync's verify takes it as an option)
+DIGESTS = ("blake3", "sha512-256", "sha256")
+
+
+def verify_all_copies(
+    store: ChunkStore,
+    *,
+    repair: bool = False,
+    threads: int = 8,
+    progress: bool | None = None,
+    digest: str | None = None,
+) -> VerifyReport:
+    """Check every chunk file of a store (bare and ``.cacnk``), as desync's verify does:
+    each copy must hold data whose digest is its name. Each file counts once, so a chunk
+    kept both ways is two copies, each good or bad on its own."""
+    iter_copies = getattr(store, "iter_copies", None)
+    get_copy = getattr(store, "get_copy", None)
+    if iter_copies is None or get_copy is None:
+        raise CafuseError(
+            f"store {store.url} cannot list its chunks (an HTTP store?): verify it with "
+            "an index (cafuse verify INDEX --store ...)"
+        )
+    hashes = [hash_function(d) for d in ((digest,) if digest else DIGESTS)]
+    report = VerifyReport()
+    bar = Progress(0, "verify", progress, unit="chunks")
+
+    def check(copy: tuple[bytes, bool]) -> tuple[bytes, bool, str]:
+        chunk_id, bare = copy
+        try:
+            blob = get_copy(chunk_id, bare)
+        except CorruptChunk:
+            return chunk_id, bare, "corrupt"
+        except StoreError as exc:
+            return chunk_id, bare, f"error: {exc}"
+        if blob is None:
+            return chunk_id, bare, "ok"  # deleted meanwhile (a gc): nothing to check
+        try:
+            data = decompress(blob, MAX_CHUNK_SIZE)
+        except ValueError:
+            data = None
+        candidates = [bytes(blob)] if data is None else [data, blob]
+        for raw in candidates[: 1 if bare else 2]:
+            if any(h(raw) == chunk_id for h in hashes):
+                return chunk_id, bare, "ok"
+        return chunk_id, bare, "corrupt"
+
+    with ThreadPoolExecutor(threads) as pool:
+        for chunk_id, bare, verdict in _bounded_map(pool, check, iter_copies(), 8 * threads):
+            report.checked += 1
+            bar.update(1)
+            if verdict == "corrupt":
+                report.corrupt.append(chunk_id)
+                report.corrupt_copies.append(chunk_path(chunk_id, bare))
+                if repair:
+                    _delete_copy(store, chunk_id, bare)
+                    report.repaired += 1
+            elif verdict != "ok":
+                report.unreadable.append(chunk_id)
+                report.first_error = report.first_error or verdict.removeprefix("error: ")
+    bar.close()
+    return report
+
+
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], depth: int
+) -> Iterator[R]:
+    """``pool.map`` that reads ``items`` lazily: at most ``depth`` calls in flight, so a
+    listing of millions of chunks is never held in memory at once."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 DEFAULT_GRACE = 3600.0
@@ -239,6 +334,9 @@ def _collect(
         if len(batch) >= 65536:
             flush()
     flush()
+    remove_empty_prefixes = getattr(store, "remove_empty_prefixes", None)
+    if remove_empty_prefixes is not None and report.deleted and not dry_run:
+        remove_empty_prefixes()
     return report
 
 

@@ -12,7 +12,7 @@ from .chunktable import ChunkTable
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
 from .progress import Progress
-from .sizes import format_size
+from .sizes import fetched_text, format_size
 from .stores import CacheStore
 from .tablepass import distinct_batches
 
@@ -23,12 +23,14 @@ class CacheReport:
     already: int = 0
     fetched: int = 0
     fetched_bytes: int = 0
+    fetched_stored_bytes: int = 0
     failed: int = 0
 
     def summary(self, cache: str) -> str:
         return (
             f"{cache}: {self.chunks} chunks needed, {self.already} already cached, "
-            f"{self.fetched} fetched ({format_size(self.fetched_bytes)})"
+            f"{self.fetched} fetched "
+            f"({fetched_text(self.fetched_bytes, self.fetched_stored_bytes)})"
         )
 
 
@@ -69,6 +71,9 @@ def fill_cache(
                     report.failed += 1
             bar.update(covered)  # bytes of the image gone through
     bar.close()
+    report.fetched_stored_bytes = sum(
+        c.stored_bytes for name, c in source.stats.origins.items() if name != cache.url
+    )
     if report.failed:
         raise CafuseError(
             f"{report.failed} of {report.chunks} chunks could not be cached "

@@ -10,11 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import defaults
 from .chunktable import ChunkTable
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
 from .index import Index, read_index, write_index
-from .seed import Seed
+from .seed import open_seeds
 from .sizes import parse_size
 from .stores import (
     CacheStore,
@@ -42,7 +43,7 @@ class RemoteOptions:
     s3_endpoint: str | None = None
     s3_region: str | None = None
     cache: str | None = None
-    cache_size: str = "10G"
+    cache_size: str = defaults.CACHE_SIZE
 
     @property
     def retry(self) -> RetryPolicy:
@@ -140,13 +141,7 @@ def build_source(
     seeds: list[str] | None,
     remote: RemoteOptions,
 ) -> ChunkSource:
-    seed_objects = [Seed.parse(spec) for spec in seeds or []]
-    for seed in seed_objects:
-        if seed.index.digest != index.digest:
-            raise CafuseError(
-                f"seed {seed.path} uses digest {seed.index.digest} but the index "
-                f"uses {index.digest}: seeds must be made with the same --digest"
-            )
+    seed_objects = open_seeds(seeds or [], index.digest)
     cache = remote.open_cache()
     # a blob with no chunks needs no store (casync makes none for an empty file)
     store_objects = (

@@ -1,4 +1,10 @@
-"""Seeds: an (index, file) pair that answers chunks by id from local bytes."""
+"""Seeds: an (index, file) pair that answers chunks by id from local bytes.
+
+A seed is an offer, not a requirement: one that cannot be used (its file missing, shorter
+than its index, not a regular file; its index unreadable or of another digest) is skipped
+with a one-line warning and the job goes on with the others and the stores, as desync does.
+Chunks read from a seed are verified like any other, so a seed can never supply wrong bytes.
+"""
 
 from __future__ import annotations
 
@@ -46,9 +52,7 @@ class Seed:
     @classmethod
     def parse(cls, spec: str) -> Seed:
         """``SEED_INDEX:SEED_FILE`` as given on the command line."""
-        index_path, sep, file_path = spec.partition(":")
-        if not sep or not index_path or not file_path:
-            raise CafuseError(f"bad --seed {spec!r}: expected SEED_INDEX:SEED_FILE")
+        index_path, file_path = split_spec(spec)
         return cls(read_index(index_path), file_path)
 
     def find(self, chunk_id: bytes) -> int | None:
@@ -62,6 +66,41 @@ class Seed:
             pos += 1
         return None
 
+    def close(self) -> None:
+        os.close(self._fd)
+
     def read(self, i: int) -> bytes:
         start, end = self.index.span(i)
         return os.pread(self._fd, end - start, start)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """(index, file) of ``SEED_INDEX:SEED_FILE``; a malformed one is the user's typo."""
+    index_path, sep, file_path = spec.partition(":")
+    if not sep or not index_path or not file_path:
+        raise CafuseError(f"bad --seed {spec!r}: expected SEED_INDEX:SEED_FILE")
+    return index_path, file_path
+
+
+def open_seeds(specs: list[str], digest: str) -> list[Seed]:
+    """The seeds that can be used; each one that cannot is skipped with a warning."""
+    seeds = []
+    for spec in specs:
+        index_path, file_path = split_spec(spec)
+        try:
+            seed = Seed(read_index(index_path), file_path)
+        except CafuseError as exc:
+            log.warning("warning: seed %s skipped: %s", spec, exc)
+            continue
+        if seed.index.digest != digest:
+            log.warning(
+                "warning: seed %s skipped: it uses digest %s but the index uses %s (seeds "
+                "must be made with the same --digest)",
+                spec,
+                seed.index.digest,
+                digest,
+            )
+            seed.close()
+            continue
+        seeds.append(seed)
+    return seeds

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
+from .. import defaults
 from ..chunktable import ChunkTable, PageMissing
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
@@ -73,6 +75,15 @@ class ChunkCache:
             _, old = self._items.popitem(last=False)
             self.size -= len(old)
 
+    def put_cold(self, chunk_id: bytes, data: bytes) -> None:
+        """Add as the least recently used: a prefetched chunk never pushes out one in use
+        (when the cache is full, it is the one dropped)."""
+        if chunk_id in self._items or self.size + len(data) > self.capacity:
+            return
+        self._items[chunk_id] = data
+        self._items.move_to_end(chunk_id, last=False)
+        self.size += len(data)
+
 
 class BlobReader:
     def __init__(
@@ -80,8 +91,8 @@ class BlobReader:
         index: ChunkTable,
         source: ChunkSource,
         *,
-        memory_cache: int = 256 << 20,
-        readahead: int = 32,
+        memory_cache: int = defaults.MEMORY_CACHE,
+        readahead: int = defaults.READAHEAD,
         concurrency: int = 16,
         local_threads: int = 2,
         batch: int = 8,
@@ -111,6 +122,9 @@ class BlobReader:
         self.served_from = {"memory": 0, "fetch": 0, "zero": 0}
         self.reads = 0
         self.failed_reads = 0
+        # boot profiles (mount/boot.py): told of every read; more sections in snapshot()
+        self.observers: list[Callable[[int, int], None]] = []
+        self.extra_stats: dict[str, Callable[[], object]] = {}
 
     @property
     def size(self) -> int:
@@ -142,6 +156,8 @@ class BlobReader:
         if not chunks:
             return b""
         self.reads += 1
+        for observe in self.observers:
+            observe(offset, size)
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
         if stream is not None and self.readahead:
@@ -286,6 +302,16 @@ class BlobReader:
             self.scheduler.request(wanted, Priority.READAHEAD)
         state.ahead_until = max(state.ahead_until, last)
 
+    @property
+    def waiting_reads(self) -> int:
+        """Reads waiting for a fetch right now."""
+        return self._waiting_reads
+
+    def is_zero(self, i: int) -> bool:
+        """Chunk ``i`` is all zeros (served without a fetch). For a table read by pages
+        this may read one: call it from a thread unless the chunk is ``resident``."""
+        return self.index.is_zero(i)
+
     def forget_stream(self, stream: int) -> None:
         self._streams.pop(stream, None)
 
@@ -310,4 +336,6 @@ class BlobReader:
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
+        for name, section in self.extra_stats.items():
+            snap[name] = section()
         return snap

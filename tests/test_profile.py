@@ -21,7 +21,7 @@ from servers import nginx_serving
 from cafuse.errors import CafuseError
 from cafuse.index import read_index
 from cafuse.mount.fill import RateLimiter
-from cafuse.profile import ProfileError, Recorder, chunk_plan, dumps, parse
+from cafuse.profile import ChunkPlan, ProfileError, Recorder, dumps, parse
 
 # scattered reads, as a boot makes: (offset, size)
 READS = [(0, 4096), (1 << 20, 65536), (7 << 20, 4096), (13 << 20, 131072), (30 << 20, 8192)]
@@ -158,16 +158,61 @@ def test_rate_limiter_holds_the_average_with_a_fake_clock() -> None:
     trio.run(main)
 
 
+def _plan(profile, index, **kw) -> tuple[list[bytes], ChunkPlan]:
+    plan = ChunkPlan(profile, index, is_zero=lambda i: False, **kw)
+    return [cid for batch in plan.batches() for cid, _ in batch], plan
+
+
 def test_chunk_plan_in_profile_order(made_image) -> None:
     index_path, _ = made_image
     index = read_index(index_path)
     start, _ = index.span(5)
     profile = parse(dumps([(start, 1, 0), (0, 1, 3), (start + 1, 1, 4)], None))
-    plan, beyond = chunk_plan(profile, index)
-    assert plan == [5, 0] and beyond == 0
+    ids, plan = _plan(profile, index)
+    assert ids == [index.chunk_id(5), index.chunk_id(0)] and plan.beyond == 0
     profile = parse(dumps([(index.blob_size - 1, 100, 0), (index.blob_size + 10, 1, 0)], None))
-    plan, beyond = chunk_plan(profile, index)
-    assert plan == [index.chunk_count - 1] and beyond == 2
+    ids, plan = _plan(profile, index)
+    assert ids == [index.chunk_id(index.chunk_count - 1)] and plan.beyond == 2
+
+
+class _DupIndex:
+    """A table of ``n`` chunks of 100 bytes whose ids repeat every ``period``."""
+
+    chunk_max = 100
+
+    def __init__(self, n: int, period: int) -> None:
+        self.chunk_count, self.blob_size, self.period = n, n * 100, period
+        self.id_calls = 0
+
+    def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
+        return range(offset // 100, min(-(-(offset + size) // 100), self.chunk_count))
+
+    def span(self, i: int) -> tuple[int, int]:
+        return i * 100, (i + 1) * 100
+
+    def chunk_id(self, i: int) -> bytes:
+        self.id_calls += 1
+        return (i % self.period).to_bytes(8, "little") * 4
+
+    def is_zero(self, i: int) -> bool:
+        return False
+
+
+def test_chunk_plan_is_lazy_distinct_and_stops_at_its_budget() -> None:
+    index = _DupIndex(100_000, 700)
+    whole = parse(dumps([(0, index.blob_size, 0)], index.blob_size))
+    plan = ChunkPlan(whole, index, batch=64)
+    batches = plan.batches()
+    first = next(batches)
+    assert len(first) <= 64 and index.id_calls <= 64  # nothing planned ahead of its use
+    ids = [cid for cid, _ in first] + [cid for b in batches for cid, _ in b]
+    assert len(ids) == len(set(ids)) == 700
+    # a profile over the whole image stops at the budget: the walk does not go on
+    index = _DupIndex(100_000, 100_000)
+    plan = ChunkPlan(whole, index, budget=10_000, batch=64)
+    ids = [cid for b in plan.batches() for cid, _ in b]
+    assert plan.truncated and 10_000 <= plan.bytes < 10_000 + 64 * 100
+    assert index.id_calls < 1000 and len(ids) == plan.chunks
 
 
 # ---------------------------------------------------------------------- through the kernel
@@ -435,7 +480,7 @@ def test_default_profile_beside_the_index(tmp_path: Path) -> None:
 
 
 class _Index:
-    chunk_count, chunk_max, blob_size = 10, 100, 1000
+    chunk_count, chunk_max, blob_size, in_memory = 10, 100, 1000, True
 
     def span(self, i: int) -> tuple[int, int]:
         return i * 100, (i + 1) * 100
@@ -455,11 +500,14 @@ class _Index:
 
 
 class _Flight:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, fails: bool = False) -> None:
         self.size = size
+        self.fails = fails
 
     async def wait(self) -> bytes:
         await trio.sleep(0.01)
+        if self.fails:
+            raise RuntimeError("not in any store")
         return b"x" * self.size
 
 
@@ -469,6 +517,7 @@ class _Scheduler:
     def __init__(self, reader: _Reader) -> None:
         self.reader = reader
         self.requests: list[tuple[float, bytes, bool]] = []
+        self.fail: dict[bytes, int] = {}  # chunk id -> how many more requests fail
 
     def request(self, items, priority):
         from cafuse.scheduler import Priority
@@ -476,7 +525,10 @@ class _Scheduler:
         assert priority == Priority.FILL
         (chunk_id, size), *_ = items
         self.requests.append((trio.current_time(), chunk_id, bool(self.reader.waiting_reads)))
-        return [_Flight(size)]
+        fails = self.fail.get(chunk_id, 0) > 0
+        if fails:
+            self.fail[chunk_id] -= 1
+        return [_Flight(size, fails)]
 
 
 class _Reader:
@@ -526,5 +578,206 @@ def test_fill_skips_what_the_cache_holds_waits_for_reads_and_keeps_the_rate() ->
     assert [r[1] for r in requests] == [reader.index.chunk_id(i) for i in range(3, 9)]
     assert not any(r[2] for r in requests)
     assert fill.complete and fill.bytes_done == fill.bytes_total == 900
-    # 600 bytes at 1000 B/s with a burst of 200: the last request no sooner than 0.4 s in
-    assert requests[-1][0] - requests[0][0] >= (600 - 200 - 100) / 1000
+    # 100-byte chunks at 1000 B/s with a burst of 200 (mock clock: exact): the request
+    # after k chunks were charged comes no sooner than (100 k - 200) / 1000 s after the first
+    t0 = requests[0][0]
+    for k, (t, _, _) in enumerate(requests):
+        assert t - t0 >= (100 * k - 200) / 1000 - 1e-9, (k, t - t0)
+    assert requests[-1][0] - t0 >= 0.3 - 1e-9
+
+
+def _run_fill(fill, reader: _Reader) -> None:
+    async def main() -> None:
+        await fill.run()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_fill_counts_distinct_chunks_against_the_cache() -> None:
+    """A dedup-heavy image whose distinct chunks fit is filled (the image's bytes by
+    position do not fit); one that clearly cannot fit is refused, and says so after."""
+    from cafuse.mount.fill import Fill
+
+    class _Twins(_Index):
+        def chunk_id(self, i: int) -> bytes:
+            return bytes([i % 2]) * 32
+
+    reader = _Reader()
+    reader.index = _Twins()
+    cache = _Cache(set())
+    cache.max_bytes = 500  # 900 bytes by position, 200 distinct
+    fill = Fill(reader, cache, rate=1000)  # type: ignore[arg-type]
+    _run_fill(fill, reader)
+    assert fill.complete and fill.bytes_done == fill.bytes_total == 900
+    assert sorted(r[1] for r in reader.scheduler.requests) == [bytes([0]) * 32, bytes([1]) * 32]
+
+    reader = _Reader()
+    cache = _Cache(set())
+    cache.max_bytes = 100  # 900 distinct bytes cannot fit, however well they compress
+    fill = Fill(reader, cache, rate=1000)  # type: ignore[arg-type]
+    _run_fill(fill, reader)
+    assert not fill.complete and reader.scheduler.requests == []
+    assert fill.state == "off: the cache is too small"  # not overwritten by "stopped"
+
+
+def test_fill_retries_only_the_failed_chunks_and_walks_once() -> None:
+    from cafuse.mount.fill import Fill
+
+    reader = _Reader()
+    walks = []
+    batches = reader.index.batches
+
+    def counted(step: int = 0):
+        walks.append(step)
+        return batches(step)
+
+    reader.index.batches = counted  # type: ignore[method-assign]
+    bad = reader.index.chunk_id(5)
+    reader.scheduler.fail = {bad: 2}  # missing from every store twice, then found
+    fill = Fill(reader, _Cache(set()), rate=10_000)  # type: ignore[arg-type]
+    _run_fill(fill, reader)
+    ids = [r[1] for r in reader.scheduler.requests]
+    # the first pass asks for chunks 0..8 once; then only chunk 5, until it comes
+    assert ids == [reader.index.chunk_id(i) for i in range(9)] + [bad, bad]
+    assert len(walks) == 2  # one pass to measure, one walk: no walk again
+    assert fill.complete and fill.failed == 2 and fill.bytes_done == fill.bytes_total == 900
+    retries = [r[0] for r in reader.scheduler.requests[9:]]
+    assert retries[1] - retries[0] > 30  # the second wait is longer (backoff; mock clock)
+
+
+def test_parse_refuses_more_ranges_than_a_profile_holds() -> None:
+    from cafuse.profile import MAX_PROFILE_BYTES, MAX_RANGES
+
+    raw = dumps([(k * 2, 1, 0) for k in range(MAX_RANGES + 1)], None)
+    assert len(raw) < MAX_PROFILE_BYTES  # refused for its ranges, not its size
+    with pytest.raises(ProfileError, match="more than a profile can hold"):
+        parse(raw, "p")
+    # a recording at its cap is a valid profile: MAX_PROFILE_BYTES fits MAX_RANGES long ranges
+    big = dumps([((1 << 44) + k * 10**9, 10**9 - 1, 10**8) for k in range(MAX_RANGES)], 1 << 50)
+    assert len(big) <= MAX_PROFILE_BYTES
+    assert len(parse(big).ranges) == MAX_RANGES
+
+
+def test_recorder_snapshot_is_taken_at_once_and_built_later() -> None:
+    rec = Recorder(1 << 40)
+    for k in range(1000):
+        rec.observe(k * 8192, 4096)
+    build = rec.snapshot()
+    rec.observe(999 * 8192 + 4096, 100)  # the last range grows
+    rec.observe(1 << 39, 4096)  # and a new one comes
+    ranges = parse(build()).ranges
+    assert len(ranges) == 1000 and ranges[-1] == (999 * 8192, 4096, ranges[-1][2])
+    assert len(parse(rec.snapshot()()).ranges) == 1001
+
+
+def test_a_read_waiting_for_a_table_page_holds_the_fill_back(tmp_path: Path) -> None:
+    """``waiting_reads`` counts a read while it waits for a page of the table, not only
+    while it waits for chunks: the fill pauses for both."""
+    import threading
+
+    from cafuse.chunktable import ChunkTable, PageMissing
+    from cafuse.fetch import ChunkSource
+    from cafuse.mount.reader import BlobReader
+    from cafuse.stores.local import LocalStore
+
+    gate = threading.Event()
+
+    class _Paged(ChunkTable):
+        flags, chunk_min, chunk_avg, chunk_max = 0, 16, 64, 256
+        chunk_count, blob_size, loaded = 1, 100, False
+
+        def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
+            if not self.loaded:
+                raise PageMissing(0)
+            return range(0, 1)
+
+        def load_page(self, page: int) -> None:
+            assert gate.wait(10)
+            self.loaded = True
+
+        def span(self, i: int) -> tuple[int, int]:
+            return 0, 100
+
+        def is_zero(self, i: int) -> bool:
+            return True
+
+    table = _Paged()
+    reader = BlobReader(table, ChunkSource(table.digest, [LocalStore(str(tmp_path))]))
+    seen: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+
+            async def read() -> None:
+                assert bytes(await reader.read(0, 10)) == bytes(10)
+
+            nursery.start_soon(read)
+            with trio.fail_after(10):
+                while not reader.waiting_reads:
+                    await trio.sleep(0.001)
+            seen.append(reader.waiting_reads)
+            gate.set()
+            with trio.fail_after(10):
+                while reader.waiting_reads:
+                    await trio.sleep(0.001)
+            seen.append(reader.waiting_reads)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert seen == [1, 0]
+
+
+def test_record_profile_naming_a_directory_is_refused(www: Path, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    proc = run_cafuse(
+        "mount", www / "image.caibx", tmp_path / "mnt", "--record-profile", tmp_path, check=False
+    )
+    assert_user_error(proc, "--record-profile", "is a directory")
+    assert not os.listdir(tmp_path / "mnt")
+
+
+def test_a_dark_profile_server_does_not_hold_the_mount(tmp_path: Path) -> None:
+    """The profile is fetched with --timeout per try (not an index's minutes): a server
+    that never answers costs the mount about that, then it goes on without a profile."""
+    import threading
+
+    from servers import dark_listener
+
+    from cafuse.mount.boot import load_profile
+    from cafuse.mount.options import MountOptions
+
+    with dark_listener() as dark:
+        for explicit in (False, True):
+            opts = MountOptions(f"{dark.url}/os.caibx", str(tmp_path))
+            opts.timeout = 1.0
+            opts.retries = 0
+            if explicit:
+                opts.profile = f"{dark.url}/os.profile"
+            result: list = []
+            worker = threading.Thread(
+                target=lambda o, out: out.append(load_profile(o)), args=(opts, result), daemon=True
+            )
+            worker.start()
+            worker.join(opts.timeout * 10)  # generous: the old code waited 600 s per try
+            assert result, "load_profile still waiting on a dark server"
+            profile, warnings = result[0]
+            assert profile is None
+            assert bool(warnings) == explicit and all("without" in w for w in warnings)
+        assert dark.connections >= 2
+
+
+def test_a_profile_url_larger_than_a_profile_is_refused(www: Path, nginx, tmp_path: Path) -> None:
+    from cafuse.mount.boot import load_profile
+    from cafuse.mount.options import MountOptions
+    from cafuse.profile import MAX_PROFILE_BYTES
+
+    (www / "huge.profile").write_bytes(b" " * (MAX_PROFILE_BYTES + 1))
+    try:
+        opts = MountOptions(f"{nginx.url}/image.caibx", str(tmp_path))
+        opts.profile = f"{nginx.url}/huge.profile"
+        profile, warnings = load_profile(opts)
+        assert profile is None
+        assert len(warnings) == 1 and "larger than a profile can be" in warnings[0]
+    finally:
+        (www / "huge.profile").unlink()

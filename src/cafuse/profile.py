@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cafuse-profile"
 VERSION = 1
-MAX_RANGES = 200_000  # a recording stops growing here (memory stays bounded)
-MAX_PROFILE_BYTES = 64 << 20  # a profile file larger than this is not read
+MAX_RANGES = 200_000  # a recording stops growing here; a profile with more is refused
+MAX_PROFILE_BYTES = 8 << 20  # a profile file larger than this is not read (MAX_RANGES fit)
 XATTR_PREFIX = "user.cafuse.profile."  # + page number: the recording so far, in pages
 XATTR_PAGE = 60_000  # below the kernel's 64 KiB limit on an xattr value
 
@@ -76,6 +76,11 @@ def parse(raw: bytes, source: str = "profile") -> Profile:
     ranges = doc.get("ranges")
     if not isinstance(ranges, list) or not (blob_size is None or _natural(blob_size)):
         raise ProfileError(f'{source}: corrupt profile (bad "ranges" or "blob_size")')
+    if len(ranges) > MAX_RANGES:
+        raise ProfileError(
+            f"{source}: {len(ranges)} ranges, more than a profile can hold ({MAX_RANGES}): "
+            "record it again"
+        )
     out: list[tuple[int, int, int]] = []
     for k, item in enumerate(ranges):
         if not (
@@ -92,6 +97,10 @@ def parse(raw: bytes, source: str = "profile") -> Profile:
     return Profile(out, blob_size, source)
 
 
+def too_large(source: str) -> str:
+    return f"profile {source}: larger than a profile can be ({MAX_PROFILE_BYTES >> 20} MiB)"
+
+
 def _natural(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -105,7 +114,7 @@ def read_local(path: str | Path) -> Profile:
     except OSError as exc:
         raise ProfileError(f"profile {path}: {exc.strerror}") from None
     if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"profile {path}: larger than {MAX_PROFILE_BYTES >> 20} MiB")
+        raise ProfileError(too_large(str(path)))
     return parse(raw, str(path))
 
 
@@ -177,11 +186,32 @@ class Recorder:
     def dumps(self) -> bytes:
         return dumps(self.ranges, self.blob_size)
 
+    def snapshot(self) -> Callable[[], bytes]:
+        """The recording so far, taken in O(1): the returned function builds its bytes and
+        may run in a worker thread while reads go on. Ranges are only appended and only the
+        last one grows, so the first ``n - 1`` are final and the last is copied now."""
+        n = len(self.ranges)
+        last = list(self.ranges[-1]) if n else None
+        ranges, blob_size = self.ranges, self.blob_size
+
+        def build() -> bytes:
+            return dumps([*ranges[: n - 1], last] if last is not None else [], blob_size)
+
+        return build
+
+    def set_pages(self, data: bytes) -> None:
+        """Keep a snapshot's bytes for ``page`` to serve."""
+        self._page_cache = data
+
     def page(self, number: int) -> bytes:
         """Page ``number`` of the recording so far (an xattr value is limited to 64 KiB):
-        page 0 takes a snapshot that the following pages continue."""
+        page 0 takes a snapshot that the following pages continue. The mount builds the
+        snapshot in a thread (``snapshot``, ``set_pages``) and serves ``cached_page``."""
         if number == 0:
-            self._page_cache = self.dumps()
+            self._page_cache = self.snapshot()()
+        return self._page_cache[number * XATTR_PAGE : (number + 1) * XATTR_PAGE]
+
+    def cached_page(self, number: int) -> bytes:
         return self._page_cache[number * XATTR_PAGE : (number + 1) * XATTR_PAGE]
 
     def save(self, path: str | Path) -> None:
@@ -192,22 +222,81 @@ class Recorder:
 # ---------------------------------------------------------------------- use
 
 
-def chunk_plan(profile: Profile, index) -> tuple[list[int], int]:
-    """Chunk indexes covering the profile's ranges in profile order, each distinct id
-    once, and the number of ranges (or parts) beyond the blob's end."""
-    seen: set[bytes] = set()
-    plan: list[int] = []
-    beyond = 0
-    size = index.blob_size
-    for offset, length, _ in profile.ranges:
-        if offset + length > size:
-            beyond += 1
-        for i in index.covering(offset, length):
-            chunk_id = index.chunk_id(i)
-            if chunk_id not in seen:
-                seen.add(chunk_id)
-                plan.append(i)
-    return plan, beyond
+PLAN_BATCH = 1024  # chunks handed to the replay per worker-thread hop
+
+
+class ChunkPlan:
+    """The chunks covering a profile's ranges, in profile order, each distinct id once,
+    zero chunks left out, planned lazily: ``batches()`` yields lists of
+    ``(chunk_id, size)`` and stops once ``budget`` bytes (uncompressed) are planned.
+
+    Run it in a worker thread: for a table read by pages, ``chunk_id``/``span`` may read
+    one. Memory does not grow with the image: the ids seen are kept as 8-byte keys
+    (``tablepass.DistinctKeys``), and only up to the budget. A key collision between two
+    ids can only leave a chunk out of the plan (a prefetch less, never a wrong byte).
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        index,
+        *,
+        budget: int | None = None,
+        is_zero: Callable[[int], bool] | None = None,
+        batch: int = PLAN_BATCH,
+        distinct_cap: int | None = None,
+    ) -> None:
+        self.profile = profile
+        self.index = index
+        self.budget = budget
+        self.is_zero = is_zero if is_zero is not None else index.is_zero
+        self.batch = batch
+        self.distinct_cap = distinct_cap
+        self.beyond = sum(1 for o, n, _ in profile.ranges if o + n > index.blob_size)
+        self.chunks = 0  # planned so far
+        self.bytes = 0
+        self.truncated = False  # stopped at the budget: more ranges were left
+        self.approximate = False  # distinct_cap reached: a later id may count twice
+
+    def batches(self) -> Iterator[list[tuple[bytes, int]]]:
+        import numpy as np
+
+        from .tablepass import DistinctKeys
+
+        index = self.index
+        seen = DistinctKeys(cap=self.distinct_cap)
+        pending: list[tuple[bytes, int]] = []
+
+        def flush() -> list[tuple[bytes, int]]:
+            keys = np.frombuffer(b"".join(cid[:8] for cid, _ in pending), dtype="<u8")
+            unique, first = np.unique(keys, return_index=True)
+            new = ~seen.seen(unique)
+            seen.add(unique[new])
+            self.approximate = self.approximate or seen.full
+            out = [pending[k] for k in np.sort(first[new]).tolist()]
+            for _, size in out:
+                self.chunks += 1
+                self.bytes += size
+            pending.clear()
+            return out
+
+        for offset, length, _ in self.profile.ranges:
+            for i in index.covering(offset, length):
+                if self.budget is not None and self.bytes >= self.budget:
+                    self.truncated = True
+                    return
+                if self.is_zero(i):
+                    continue
+                start, end = index.span(i)
+                pending.append((index.chunk_id(i), end - start))
+                if len(pending) >= self.batch:
+                    out = flush()
+                    if out:
+                        yield out
+        if pending:
+            out = flush()
+            if out:
+                yield out
 
 
 def describe(profile: Profile, index=None) -> dict[str, object]:
@@ -221,16 +310,17 @@ def describe(profile: Profile, index=None) -> dict[str, object]:
         "duration_ms": max((t for _, _, t in profile.ranges), default=0),
     }
     if index is not None:
-        plan, beyond = chunk_plan(profile, index)
-        nbytes = 0
-        for i in plan:
-            start, end = index.span(i)
-            nbytes += end - start
+        from .tablepass import INFO_DISTINCT_CAP
+
+        plan = ChunkPlan(profile, index, is_zero=lambda i: False, distinct_cap=INFO_DISTINCT_CAP)
+        for _ in plan.batches():
+            pass
         out["index"] = {
             "blob_size": index.blob_size,
-            "chunks": len(plan),
-            "chunk_bytes": nbytes,
-            "ranges_beyond_end": beyond,
+            "chunks": plan.chunks,
+            "chunk_bytes": plan.bytes,
+            "ranges_beyond_end": plan.beyond,
+            "approximate": plan.approximate,
         }
     return out
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CafuseError
-from ..profile import MAX_PROFILE_BYTES, Profile, ProfileError, Recorder, parse, read_local
+from ..profile import (
+    MAX_PROFILE_BYTES,
+    Profile,
+    ProfileError,
+    Recorder,
+    parse,
+    read_local,
+    too_large,
+)
 from .options import MountOptions
 
 if TYPE_CHECKING:  # trio and numpy load in the daemon, after the fork
@@ -58,6 +66,11 @@ def check_options(opts: MountOptions) -> None:
             raise CafuseError(f"profile {opts.profile} does not exist")
     if opts.record_profile:
         opts.record_profile = os.path.abspath(opts.record_profile)
+        if os.path.isdir(opts.record_profile):
+            raise CafuseError(
+                f"--record-profile {opts.record_profile} is a directory: name the profile "
+                "file to write (for example DIR/boot.profile)"
+            )
         directory = os.path.dirname(opts.record_profile)
         if not os.path.isdir(directory):
             raise CafuseError(
@@ -102,7 +115,7 @@ class _Unreachable(ProfileError):
 
 def _fetch(text: str, opts: MountOptions) -> Profile:
     from ..resolve import RemoteOptions
-    from ..stores import StoreError, parse_location
+    from ..stores import CorruptChunkError, StoreError, parse_location
     from ..stores.location import parent_and_name
 
     location = parse_location(text, "profile")
@@ -120,13 +133,19 @@ def _fetch(text: str, opts: MountOptions) -> Profile:
     )
     directory, name = parent_and_name(location)
     try:
-        raw = remote.open(directory).fetch_file(name)  # type: ignore[attr-defined]
+        # --timeout per try, not the minutes an index gets: a dark server must not hold
+        # the mount; and no more bytes than a profile can be
+        raw = remote.open(directory).fetch_file(  # type: ignore[attr-defined]
+            name, limit=MAX_PROFILE_BYTES, what="a profile", timeout=opts.timeout
+        )
+    except CorruptChunkError:
+        raise ProfileError(too_large(location.display)) from None
     except StoreError as exc:
         if "not found" in str(exc):
             raise FileNotFoundError(text) from None
         raise _Unreachable(f"cannot fetch profile {location.display}: {exc}") from None
     if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"profile {location.display}: larger than 64 MiB")
+        raise ProfileError(too_large(location.display))
     return parse(raw, location.display)
 
 

@@ -9,27 +9,43 @@ disk cache only, not to the memory cache. What the cache holds is not fetched ag
 after a remount the fill resumes where it stopped; once it is complete every read is served
 locally and the mount no longer needs the network.
 
-The walk holds one batch of chunk ids at a time: memory stays bounded for any image size.
+The walk goes over the table once, in batches (``batches()``: zero chunks and sizes are
+vectorised steps; what remains per chunk is the cache lookup), holding one batch at a time:
+memory stays bounded for any image size. Chunks that failed (missing from every store, a
+server down) are kept and retried alone, with backoff; the table is walked again only if
+more failed than can be kept.
+
+Whether the image fits the cache is known only once the chunks' stored (compressed) sizes
+are: the fill refuses at the start only when even well-compressed distinct chunks could not
+fit, and stops once the compression seen so far says they will not.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
+import numpy as np
 import trio
 
+from ..chunktable import whole_table_step
 from ..scheduler import Flight, Priority, ShuttingDown
 from ..stores import CacheStore
+from ..tablepass import INFO_DISTINCT_CAP, DistinctKeys
 from .reader import BlobReader
 
 log = logging.getLogger(__name__)
 
-BATCH = 1024  # chunk positions checked against the cache per thread hop
+BATCH = 4096  # chunk positions checked against the cache per thread hop
 WINDOW = 32  # fill fetches in flight, at most: over a WAN a few cannot reach the rate
 PAUSE = 0.02  # poll interval while reads wait
-RETRY_AFTER = 30.0  # a walk that left chunks behind (store errors) starts again after this
+RETRY_AFTER = 30.0  # failed chunks are tried again after this, then after twice as long...
+RETRY_MAX = 1800.0  # ...up to this
+FAILED_KEEP = 100_000  # failed chunks remembered for a retry; past it the table is walked again
+BEST_RATIO = 4.0  # no image's chunks compress better than this on average (the start check)
+FIT = 0.8  # the share of the cache's bound the image's stored chunks may take
+SAMPLE = 64  # chunks fetched before their compression is trusted to predict the rest
 
 
 class RateLimiter:
@@ -94,7 +110,11 @@ class Fill:
         self.bytes_fetched = 0  # stored bytes this mount fetched for the fill
         self.chunks_fetched = 0
         self._raw_fetched = 0  # the same chunks' decompressed bytes
+        self.bytes_distinct = 0
         self.failed = 0
+        # chunks that failed this pass: id -> (size, weight, start), retried alone
+        self._failed: dict[bytes, tuple[int, int, int]] = {}
+        self._overflow = False  # more failed than FAILED_KEEP: walk the table again
         self.paused = 0.0  # seconds spent waiting for reads to finish
         self.complete = False
         self.state = "waiting"
@@ -108,85 +128,136 @@ class Fill:
                 await after.wait()
             await self._run()
         finally:
-            if not self.complete:
+            if not self.complete and not self.state.startswith("off"):
                 self.state = "stopped"
 
     async def _run(self) -> None:
         index = self.reader.index
         # a fifth of a second's worth (at least one chunk) may go at once
-        limiter = self.limiter = RateLimiter(
+        self.limiter = RateLimiter(
             self.rate, max(self.rate / 5, index.chunk_max), trio.current_time
         )
         self.state = "measuring"
-        self.bytes_total = await trio.to_thread.run_sync(self._total)
-        if self.bytes_total > self.cache.max_bytes * 0.8:
-            self.state = "off: the cache is too small"
-            log.warning(
-                "fill: the image's %d bytes do not fit the cache's bound of %d bytes: "
-                "no fill (raise --cache-size)",
-                self.bytes_total,
-                self.cache.max_bytes,
-            )
+        self.bytes_total, self.bytes_distinct = await trio.to_thread.run_sync(self._measure)
+        if self.bytes_distinct > self.cache.max_bytes * FIT * BEST_RATIO:
+            self._refuse(f"{self.bytes_distinct} bytes of distinct chunks")
             return
         self.started_at = trio.current_time()
+        delay = RETRY_AFTER
+        walk: Iterator[tuple[list[tuple[bytes, int, int, int]], int]] | None = self._walk()
         while True:
             self.passes += 1
             self.state = "filling"
-            self.bytes_done = 0
-            failed_before = self.failed
-            async with trio.open_nursery() as nursery:
-                limit = trio.Semaphore(self.window)
-                for first in range(0, index.chunk_count, self.batch):
-                    missing, present = await trio.to_thread.run_sync(self._missing, first)
-                    self.bytes_done += present
-                    for chunk_id, size, weight, start in missing:
-                        self.position = start
-                        await self._wait_for_reads()
-                        await limiter.ready()
-                        await limit.acquire()
-                        guess = self._stored_guess(size)
-                        limiter.charge(guess)  # corrected once the stored size is known
-                        nursery.start_soon(self._fetch, chunk_id, size, guess, weight, limit)
-            if self.failed == failed_before:
+            if walk is not None:
+                self.bytes_done = 0
+                batches = walk
+            else:
+                retry, self._failed = self._failed, {}
+                batches = iter([([(c, s, w, p) for c, (s, w, p) in retry.items()], 0)])
+            self._overflow = False
+            if not await self._fetch_all(batches):
+                return
+            if not self._failed and not self._overflow:
                 break
             self.state = "retrying"
-            log.warning("fill: %d chunks failed, trying again", self.failed - failed_before)
-            await trio.sleep(RETRY_AFTER)
+            log.warning(
+                "fill: %d chunks failed, trying %s again in %.0f s",
+                len(self._failed),
+                "the whole table" if self._overflow else "them",
+                delay,
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            walk = self._walk() if self._overflow else None
         self.complete = True
         self.position = index.blob_size
         self.state = "complete"
         log.info("fill: complete, every chunk of the image is in the cache")
 
-    def _total(self) -> int:
-        """Worker thread: bytes of the image that are not zero chunks (one pass over the
-        table in batches: vectorised, bounded memory for a huge one)."""
-        index = self.reader.index
-        return sum(int(b.sizes[~b.zero].sum()) for b in index.batches())
+    async def _fetch_all(
+        self, batches: Iterator[tuple[list[tuple[bytes, int, int, int]], int]]
+    ) -> bool:
+        """Fetch what ``batches`` (run in a worker thread) say is missing; False when the
+        fill turned itself off (the cache is too small)."""
+        assert self.limiter is not None
+        limiter = self.limiter
+        async with trio.open_nursery() as nursery:
+            limit = trio.Semaphore(self.window)
+            while True:
+                item = await trio.to_thread.run_sync(next, batches, None)
+                if item is None:
+                    break
+                missing, present = item
+                self.bytes_done += present
+                for chunk_id, size, weight, start in missing:
+                    if self._cannot_fit():
+                        nursery.cancel_scope.cancel()
+                        return False
+                    self.position = start
+                    await self._wait_for_reads()
+                    await limiter.ready()
+                    await limit.acquire()
+                    guess = self._stored_guess(size)
+                    limiter.charge(guess)  # corrected once the stored size is known
+                    nursery.start_soon(self._fetch, chunk_id, size, guess, weight, start, limit)
+        return True
 
-    def _missing(self, first: int) -> tuple[list[tuple[bytes, int, int, int]], int]:
-        """Worker thread: the chunks from position ``first`` on (one batch) that the cache
-        lacks, each once, with the bytes of the image they stand for in this batch; and
-        the bytes the batch's other chunks (in the cache) stand for."""
+    def _cannot_fit(self) -> bool:
+        """Whether the compression seen so far says the distinct chunks will not fit."""
+        if self.chunks_fetched < SAMPLE or not self._raw_fetched:
+            return False
+        stored = self.bytes_distinct * self.bytes_fetched / self._raw_fetched
+        if stored <= self.cache.max_bytes * FIT:
+            return False
+        self._refuse(f"about {round(stored)} bytes of stored chunks")
+        return True
+
+    def _refuse(self, what: str) -> None:
+        self.state = "off: the cache is too small"
+        log.warning(
+            "fill: the image's %s do not fit the cache's bound of %d bytes: no fill "
+            "(raise --cache-size)",
+            what,
+            self.cache.max_bytes,
+        )
+
+    def _measure(self) -> tuple[int, int]:
+        """Worker thread: bytes of the image that are not zero chunks, and the bytes of its
+        distinct non-zero chunks (one pass over the table in batches: vectorised, bounded
+        memory for a huge one; past the key cap a repeated id may count twice)."""
         index = self.reader.index
-        wanted: dict[bytes, list[int]] = {}  # id -> size, weight, first start
-        for i in range(first, min(first + self.batch, index.chunk_count)):
-            if self.reader.is_zero(i):
+        seen = DistinctKeys(cap=INFO_DISTINCT_CAP)
+        total = distinct = 0
+        for b in index.batches(whole_table_step(index)):
+            nonzero = ~b.zero
+            total += int(b.sizes[nonzero].sum())
+            distinct += int(b.sizes[seen.first_seen(b, nonzero)].sum())
+        return total, distinct
+
+    def _walk(self) -> Iterator[tuple[list[tuple[bytes, int, int, int]], int]]:
+        """Worker thread, one batch per step: the chunks the cache lacks, each once per
+        batch, as (id, size, weight, start) with weight the bytes of the image they stand
+        for in the batch; and the bytes the batch's other non-zero chunks stand for."""
+        for batch in self.reader.index.batches(self.batch):
+            keep = ~batch.zero
+            ids = np.ascontiguousarray(batch.ids[keep])
+            sizes, starts = batch.sizes[keep], batch.starts[keep]
+            if not len(ids):
+                yield [], 0
                 continue
-            chunk_id = index.chunk_id(i)
-            start, end = index.span(i)
-            entry = wanted.get(chunk_id)
-            if entry is not None:
-                entry[1] += end - start
-            else:
-                wanted[chunk_id] = [end - start, end - start, start]
-        out = []
-        present = 0
-        for chunk_id, (size, weight, start) in wanted.items():
-            if self.cache.has(chunk_id):
-                present += weight
-            else:
-                out.append((chunk_id, size, weight, start))
-        return out, present
+            rows = ids.view(np.dtype((np.void, ids.shape[1]))).reshape(-1)
+            _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+            weights = np.bincount(inverse.reshape(-1), weights=sizes.astype(np.float64))
+            missing = []
+            present = 0
+            for k in np.argsort(first).tolist():  # in image order
+                j = int(first[k])
+                chunk_id = ids[j].tobytes()
+                if self.cache.has(chunk_id):
+                    present += int(weights[k])
+                else:
+                    missing.append((chunk_id, int(sizes[j]), int(weights[k]), int(starts[j])))
+            yield missing, present
 
     async def _wait_for_reads(self) -> None:
         while self.reader.waiting_reads:
@@ -203,7 +274,13 @@ class Fill:
         return max(1, round(size * self.bytes_fetched / self._raw_fetched))
 
     async def _fetch(
-        self, chunk_id: bytes, size: int, guess: int, weight: int, limit: trio.Semaphore
+        self,
+        chunk_id: bytes,
+        size: int,
+        guess: int,
+        weight: int,
+        start: int,
+        limit: trio.Semaphore,
     ) -> None:
         try:
             flight: Flight | None = None
@@ -218,6 +295,10 @@ class Fill:
                 return
             except Exception as exc:
                 self.failed += 1
+                if len(self._failed) < FAILED_KEEP:
+                    self._failed[chunk_id] = (size, weight, start)
+                else:
+                    self._overflow = True
                 self.limiter.charge(-guess)
                 log.info("fill: chunk %s: %s", chunk_id.hex(), exc)
                 return
@@ -254,6 +335,7 @@ class Fill:
             "position": self.position,
             "chunks_fetched": self.chunks_fetched,
             "chunks_failed": self.failed,
+            "chunks_to_retry": len(self._failed),
             "rate_limit": self.rate,
             "rate": None if rate is None else round(rate),
             "eta_s": round(left / self.rate, 1) if not self.complete and self.rate else None,

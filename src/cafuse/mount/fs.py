@@ -13,6 +13,7 @@ import os
 import stat
 
 import pyfuse3
+import trio
 
 from ..profile import XATTR_PREFIX
 from . import STATS_XATTR
@@ -104,7 +105,10 @@ class BlobFS(pyfuse3.Operations):
         if inode == FILE_INODE and name.startswith(PROFILE_XATTR_PREFIX) and self.recorder:
             page = name[len(PROFILE_XATTR_PREFIX) :]
             if page.isdigit():
-                return self.recorder.page(int(page))
+                if int(page) == 0:  # a new snapshot: its JSON is built off the loop
+                    data = await trio.to_thread.run_sync(self.recorder.snapshot())
+                    self.recorder.set_pages(data)
+                return self.recorder.cached_page(int(page))
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx):

@@ -152,7 +152,13 @@ class BlobReader:
         no cancel scope, no nursery. Otherwise the missing chunks' fetches are all started
         first, then awaited in order under one deadline.
         """
-        chunks = await self._covering(offset, size)
+        self._waiting_reads += 1  # a wait for a table page holds the fill back too
+        try:
+            chunks = await self._covering(offset, size)
+        finally:
+            self._waiting_reads -= 1
+            if not self._waiting_reads:
+                self._no_waiting_reads.set()
         if not chunks:
             return b""
         self.reads += 1
@@ -304,7 +310,7 @@ class BlobReader:
 
     @property
     def waiting_reads(self) -> int:
-        """Reads waiting for a fetch right now."""
+        """Reads waiting for a fetch or a table page right now."""
         return self._waiting_reads
 
     def is_zero(self, i: int) -> bool:

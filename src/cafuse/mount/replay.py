@@ -3,8 +3,13 @@
 Right after the mount is live, the chunks covering the profile's ranges are requested at
 profile priority (below reads that wait, above readahead), many at once, in profile
 order. They go to the memory cache as least recently used, so they never push out a chunk
-in use, and to the disk cache when there is one. Without a disk cache the replay stops
-once it has brought in half the memory cache.
+in use, and to the disk cache when there is one.
+
+The plan is made lazily in a worker thread, a batch at a time (reading the chunk table may
+need a page read); the loop only requests. It stops at a budget: half the memory cache
+without a disk cache, else ``DISK_BUDGET`` (or half the disk cache when smaller) — a
+profile that covers the whole image (what a recording holds after a ``cat`` of the
+device) must not walk and remember every chunk; the background fill brings the rest.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import logging
 
 import trio
 
-from ..profile import Profile, chunk_plan
+from ..profile import ChunkPlan, Profile
 from ..scheduler import Flight, Priority, ShuttingDown
 from .reader import BlobReader
 
 log = logging.getLogger(__name__)
 
 WINDOW = 64  # chunks requested and not yet done
+DISK_BUDGET = 4 << 30  # bytes (uncompressed) a replay plans at most with a disk cache
 
 
 class Replay:
@@ -27,8 +33,12 @@ class Replay:
         self.reader = reader
         self.profile = profile
         self.window = window
-        self.has_disk_cache = reader.source.cache is not None
-        self.budget = reader.cache.capacity // 2
+        disk = reader.source.cache
+        self.has_disk_cache = disk is not None
+        if disk is None:
+            self.budget = reader.cache.capacity // 2
+        else:
+            self.budget = min(DISK_BUDGET, max(disk.max_bytes // 2, reader.cache.capacity // 2))
         self.done = trio.Event()
         self.planned = 0
         self.beyond_end = 0
@@ -38,7 +48,8 @@ class Replay:
         self.failed = 0
         self.read_later = 0
         self.stopped: str | None = None
-        self._replayed: dict[bytes, bool] = {}  # chunk id -> read since
+        # first 8 bytes of a replayed chunk's id -> read since (as many as the budget)
+        self._replayed: dict[int, bool] = {}
 
     async def run(self) -> None:
         try:
@@ -49,7 +60,8 @@ class Replay:
     async def _run(self) -> None:
         reader = self.reader
         index = reader.index
-        plan, self.beyond_end = await trio.to_thread.run_sync(chunk_plan, self.profile, index)
+        plan = ChunkPlan(self.profile, index, budget=self.budget, is_zero=reader.is_zero)
+        self.beyond_end = plan.beyond
         if self.beyond_end:
             log.warning(
                 "profile %s: %d ranges reach past the image's end (%d bytes), ignored there",
@@ -57,33 +69,37 @@ class Replay:
                 self.beyond_end,
                 index.blob_size,
             )
-        # in the thread too: for a table read by pages, is_zero may read one
-        plan = await trio.to_thread.run_sync(lambda: [i for i in plan if not reader.is_zero(i)])
-        self.planned = len(plan)
-        log.info("profile %s: replaying %d chunks", self.profile.source, self.planned)
+        log.info("profile %s: replaying up to %d bytes", self.profile.source, self.budget)
         started = trio.current_time()
+        batches = plan.batches()
         async with trio.open_nursery() as nursery:
             limit = trio.Semaphore(self.window)
-            for i in plan:
-                if self.stopped:
+            while not self.stopped:
+                # the table may need a page read: plan in a worker thread, request here
+                batch = await trio.to_thread.run_sync(next, batches, None)
+                if batch is None:
                     break
-                if not self.has_disk_cache and self.fetched_bytes >= self.budget:
-                    self.stopped = "the memory cache's share for the profile is full"
-                    break
-                chunk_id = index.chunk_id(i)
-                if chunk_id in reader.cache or reader.scheduler.pending(chunk_id):
-                    self.skipped += 1
-                    continue
-                start, end = index.span(i)
-                await limit.acquire()
-                (flight,) = reader.scheduler.request([(chunk_id, end - start)], Priority.PROFILE)
-                while flight is None:  # the background queue is full: wait for room
-                    await trio.sleep(0.01)
-                    (flight,) = reader.scheduler.request(
-                        [(chunk_id, end - start)], Priority.PROFILE
-                    )
-                self._replayed.setdefault(chunk_id, False)
-                nursery.start_soon(self._await, flight, limit)
+                self.planned = plan.chunks
+                for chunk_id, size in batch:
+                    if self.stopped:
+                        break
+                    if chunk_id in reader.cache or reader.scheduler.pending(chunk_id):
+                        self.skipped += 1
+                        continue
+                    await limit.acquire()
+                    (flight,) = reader.scheduler.request([(chunk_id, size)], Priority.PROFILE)
+                    while flight is None:  # the background queue is full: wait for room
+                        await trio.sleep(0.01)
+                        (flight,) = reader.scheduler.request([(chunk_id, size)], Priority.PROFILE)
+                    self._replayed.setdefault(_key(chunk_id), False)
+                    nursery.start_soon(self._await, flight, limit)
+            if plan.truncated and not self.stopped:
+                self.stopped = (
+                    "the profile's share of the disk cache is planned (the fill brings the rest)"
+                    if self.has_disk_cache
+                    else "the memory cache's share for the profile is full"
+                )
+        batches.close()
         log.info(
             "profile %s: %d chunks (%d bytes) in %.2f s%s",
             self.profile.source,
@@ -113,10 +129,10 @@ class Replay:
         if not replayed or self.read_later >= len(replayed):
             return
         index = self.reader.index
-        for i in index.covering(offset, size):
-            chunk_id = index.chunk_id(i)
-            if replayed.get(chunk_id) is False:
-                replayed[chunk_id] = True
+        for i in index.covering(offset, size):  # in memory: the read loaded its pages
+            key = _key(index.chunk_id(i))
+            if replayed.get(key) is False:
+                replayed[key] = True
                 self.read_later += 1
 
     def snapshot(self) -> dict[str, object]:
@@ -134,3 +150,7 @@ class Replay:
             "done": self.done.is_set(),
             "stopped": self.stopped,
         }
+
+
+def _key(chunk_id: bytes) -> int:
+    return int.from_bytes(chunk_id[:8], "little")

@@ -542,15 +542,25 @@ class ObjectChunkStore(ChunkStore):
         with contextlib.suppress(FileNotFoundError):
             self._call("lock delete", obstore.delete, f"{LOCK_DIR}/{name}")
 
-    def fetch_file(self, name: str) -> bytes:
+    def fetch_file(
+        self,
+        name: str,
+        *,
+        limit: int = MAX_INDEX_BYTES,
+        what: str = "an index",
+        timeout: float | None = None,
+    ) -> bytes:
         """A whole object by name (an index next to a store), with retries; raises
-        StoreError (FileNotFoundError as a StoreError saying so)."""
+        StoreError (FileNotFoundError as a StoreError saying so). At most ``limit`` bytes;
+        each try gets ``timeout`` seconds when given, else minutes (an index is large)."""
 
         def attempt(left: float) -> bytes:
-            return self._read(name, left, MAX_INDEX_BYTES, "an index", f"{self.url}/{name}")
+            return self._read(name, left, limit, what, f"{self.url}/{name}")
 
         # a whole file may take far longer than a chunk: give each try minutes, not seconds
-        policy = dataclasses.replace(self.retry, timeout=max(self.retry.timeout, INDEX_TIMEOUT))
+        if timeout is None:
+            timeout = max(self.retry.timeout, INDEX_TIMEOUT)
+        policy = dataclasses.replace(self.retry, timeout=timeout)
         try:
             return policy.run(f"{self.url}/{name}", attempt)
         except FileNotFoundError:

@@ -349,9 +349,10 @@ def cmd_profile(args) -> int:
     if index is not None:
         cover = info["index"]
         assert isinstance(cover, dict)
+        about = "about " if cover["approximate"] else ""
         print(
-            f"{args.index}: {cover['chunks']} chunks ({format_size(cover['chunk_bytes'])}) "
-            "cover these ranges"
+            f"{args.index}: {about}{cover['chunks']} distinct chunks "
+            f"({format_size(cover['chunk_bytes'])}) cover these ranges"
         )
         if cover["ranges_beyond_end"]:
             print(f"  {cover['ranges_beyond_end']} ranges reach past the image's end")

@@ -178,14 +178,17 @@ def test_chunk_plan_in_profile_order(made_image) -> None:
 class _DupIndex:
     """A table of ``n`` chunks of 100 bytes whose ids repeat every ``period``."""
 
-    chunk_max = 100
+    chunk_avg = chunk_max = 100
 
     def __init__(self, n: int, period: int) -> None:
         self.chunk_count, self.blob_size, self.period = n, n * 100, period
         self.id_calls = 0
+        self.widest = 0  # a table read by pages loads all of what covering returns
 
     def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
-        return range(offset // 100, min(-(-(offset + size) // 100), self.chunk_count))
+        out = range(offset // 100, min(-(-(offset + size) // 100), self.chunk_count))
+        self.widest = max(self.widest, len(out))
+        return out
 
     def span(self, i: int) -> tuple[int, int]:
         return i * 100, (i + 1) * 100
@@ -213,6 +216,7 @@ def test_chunk_plan_is_lazy_distinct_and_stops_at_its_budget() -> None:
     ids = [cid for b in plan.batches() for cid, _ in b]
     assert plan.truncated and 10_000 <= plan.bytes < 10_000 + 64 * 100
     assert index.id_calls < 1000 and len(ids) == plan.chunks
+    assert index.widest <= 65  # the whole-image range is asked for a batch at a time
 
 
 # ---------------------------------------------------------------------- through the kernel

@@ -280,23 +280,37 @@ class ChunkPlan:
             pending.clear()
             return out
 
-        for offset, length, _ in self.profile.ranges:
-            for i in index.covering(offset, length):
-                if self.budget is not None and self.bytes >= self.budget:
-                    self.truncated = True
-                    return
-                if self.is_zero(i):
-                    continue
-                start, end = index.span(i)
-                pending.append((index.chunk_id(i), end - start))
-                if len(pending) >= self.batch:
-                    out = flush()
-                    if out:
-                        yield out
+        for i in self._positions():
+            if self.budget is not None and self.bytes >= self.budget:
+                self.truncated = True
+                return
+            if self.is_zero(i):
+                continue
+            start, end = index.span(i)
+            pending.append((index.chunk_id(i), end - start))
+            if len(pending) >= self.batch:
+                out = flush()
+                if out:
+                    yield out
         if pending:
             out = flush()
             if out:
                 yield out
+
+    def _positions(self) -> Iterator[int]:
+        """The chunk positions covering the ranges, asking the table for about a batch's
+        worth of bytes at a time: a table read by pages loads every page of what
+        ``covering`` returns, and a range may span the whole image."""
+        index = self.index
+        step = max(self.batch * index.chunk_avg, 1)
+        for offset, length, _ in self.profile.ranges:
+            end = min(offset + length, index.blob_size)
+            while offset < end:
+                positions = index.covering(offset, min(end - offset, step))
+                if not positions:
+                    break
+                yield from positions
+                offset = index.span(positions[-1])[1]
 
 
 def describe(profile: Profile, index=None) -> dict[str, object]:

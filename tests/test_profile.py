@@ -214,7 +214,7 @@ def test_chunk_plan_is_lazy_distinct_and_stops_at_its_budget() -> None:
     index = _DupIndex(100_000, 100_000)
     plan = ChunkPlan(whole, index, budget=10_000, batch=64)
     ids = [cid for b in plan.batches() for cid, _ in b]
-    assert plan.truncated and 10_000 <= plan.bytes < 10_000 + 64 * 100
+    assert plan.truncated and 10_000 <= plan.bytes <= 10_000 + 100
     assert index.id_calls < 1000 and len(ids) == plan.chunks
     assert index.widest <= 65  # the whole-image range is asked for a batch at a time
 
@@ -785,3 +785,79 @@ def test_a_profile_url_larger_than_a_profile_is_refused(www: Path, nginx, tmp_pa
         assert len(warnings) == 1 and "larger than a profile can be" in warnings[0]
     finally:
         (www / "huge.profile").unlink()
+
+
+def test_replay_plans_off_the_loop_and_stops_at_its_share() -> None:
+    """The table (which may read a page per call) is asked only from worker threads; the
+    loop only requests; a whole-image profile stops at half the memory cache."""
+    import threading
+
+    from cafuse.mount.replay import Replay
+    from cafuse.scheduler import Priority
+
+    main = threading.main_thread()
+    on_loop: list[str] = []
+
+    class _Table(_DupIndex):
+        def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
+            if threading.current_thread() is main:
+                on_loop.append("covering")
+            return super().covering(offset, size)
+
+        def chunk_id(self, i: int) -> bytes:
+            if threading.current_thread() is main:
+                on_loop.append("chunk_id")
+            return super().chunk_id(i)
+
+        def span(self, i: int) -> tuple[int, int]:
+            if threading.current_thread() is main:
+                on_loop.append("span")
+            return super().span(i)
+
+    class _Memory:
+        capacity = 40_000
+
+        def __contains__(self, chunk_id: bytes) -> bool:
+            return False
+
+    class _Source:
+        cache = None
+
+    class _Sched:
+        def __init__(self) -> None:
+            self.requested: list[tuple[bytes, int]] = []
+
+        def pending(self, chunk_id: bytes) -> bool:
+            return False
+
+        def request(self, items, priority):
+            assert priority == Priority.PROFILE
+            self.requested += items
+            (chunk_id, size), *_ = items
+            flight = _Flight(size)
+            flight.chunk_id = chunk_id  # type: ignore[attr-defined]
+            return [flight]
+
+    class _R:
+        index = _Table(100_000, 100_000)
+        cache, source, scheduler = _Memory(), _Source(), _Sched()
+
+        def is_zero(self, i: int) -> bool:
+            return False
+
+    reader = _R()
+    whole = parse(dumps([(0, reader.index.blob_size, 0)], reader.index.blob_size))
+    replay = Replay(reader, whole)  # type: ignore[arg-type]
+
+    async def main_task() -> None:
+        await replay.run()
+        # a read afterwards: counted against what was replayed (the read loaded its pages)
+        replay.observe(0, 100)
+
+    trio.run(main_task)
+    assert on_loop.count("covering") == 1 and on_loop.count("chunk_id") == 1  # the observe
+    sizes = [size for _, size in reader.scheduler.requested]
+    assert 20_000 <= sum(sizes) <= 20_000 + 100  # half the memory cache, a chunk over at most
+    assert replay.stopped and "memory cache" in replay.stopped
+    snap = replay.snapshot()
+    assert snap["chunks_fetched"] == len(sizes) and snap["chunks_read_later"] == 1

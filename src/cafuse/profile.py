@@ -266,6 +266,7 @@ class ChunkPlan:
         index = self.index
         seen = DistinctKeys(cap=self.distinct_cap)
         pending: list[tuple[bytes, int]] = []
+        pending_bytes = 0
 
         def flush() -> list[tuple[bytes, int]]:
             keys = np.frombuffer(b"".join(cid[:8] for cid, _ in pending), dtype="<u8")
@@ -288,7 +289,11 @@ class ChunkPlan:
                 continue
             start, end = index.span(i)
             pending.append((index.chunk_id(i), end - start))
-            if len(pending) >= self.batch:
+            pending_bytes += end - start
+            # flush early near the budget, so the plan ends at most a chunk past it
+            near = self.budget is not None and self.bytes + pending_bytes >= self.budget
+            if len(pending) >= self.batch or near:
+                pending_bytes = 0
                 out = flush()
                 if out:
                     yield out

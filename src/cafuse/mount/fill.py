@@ -150,6 +150,7 @@ class Fill:
             self.state = "filling"
             if walk is not None:
                 self.bytes_done = 0
+                self._failed = {}  # the walk finds them again
                 batches = walk
             else:
                 retry, self._failed = self._failed, {}
@@ -295,7 +296,10 @@ class Fill:
                 return
             except Exception as exc:
                 self.failed += 1
-                if len(self._failed) < FAILED_KEEP:
+                earlier = self._failed.get(chunk_id)
+                if earlier is not None:  # a repeat in another batch failed too
+                    self._failed[chunk_id] = (size, earlier[1] + weight, earlier[2])
+                elif len(self._failed) < FAILED_KEEP:
                     self._failed[chunk_id] = (size, weight, start)
                 else:
                     self._overflow = True
@@ -308,7 +312,9 @@ class Fill:
             self.chunks_fetched += 1
             self.bytes_fetched += stored
             self._raw_fetched += size
-            self.bytes_done += weight
+            # failed earlier in the walk (a repeat in another batch): it is here now
+            earlier = self._failed.pop(chunk_id, None)
+            self.bytes_done += weight + (earlier[1] if earlier is not None else 0)
         finally:
             limit.release()
 

@@ -95,7 +95,8 @@ class Replay:
                     nursery.start_soon(self._await, flight, limit)
             if plan.truncated and not self.stopped:
                 self.stopped = (
-                    "the profile's share of the disk cache is planned (the fill brings the rest)"
+                    f"the replay's bound of {self.budget} bytes is reached (the rest is "
+                    "fetched when read, or by --fill-rate)"
                     if self.has_disk_cache
                     else "the memory cache's share for the profile is full"
                 )

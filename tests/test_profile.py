@@ -861,3 +861,34 @@ def test_replay_plans_off_the_loop_and_stops_at_its_share() -> None:
     assert replay.stopped and "memory cache" in replay.stopped
     snap = replay.snapshot()
     assert snap["chunks_fetched"] == len(sizes) and snap["chunks_read_later"] == 1
+
+
+def test_fill_progress_counts_a_failed_chunk_repeated_in_a_later_batch() -> None:
+    """A chunk that fails in one batch and comes in a later one (a repeat) is done: its
+    bytes in both batches count, and no retry is left."""
+    import numpy as np
+
+    from cafuse.chunktable import Batch
+    from cafuse.mount.fill import Fill
+
+    class _Repeats(_Index):
+        def chunk_id(self, i: int) -> bytes:
+            return bytes([i % 5]) * 32  # chunks 5..9 repeat 0..4
+
+        def batches(self, step: int = 0):
+            ends = np.arange(1, 11, dtype=np.uint64) * 100
+            ids = np.stack([np.frombuffer(self.chunk_id(i), dtype=np.uint8) for i in range(10)])
+            zero = np.zeros(10, dtype=bool)
+            if step >= 10:  # the measuring pass
+                yield Batch(0, 0, ends, ids, zero)
+                return
+            yield Batch(0, 0, ends[:5], ids[:5], zero[:5])
+            yield Batch(5, 500, ends[5:], ids[5:], zero[5:])
+
+    reader = _Reader()
+    reader.index = _Repeats()
+    reader.scheduler.fail = {bytes([2]) * 32: 1}
+    fill = Fill(reader, _Cache(set()), rate=100_000, batch=5)  # type: ignore[arg-type]
+    _run_fill(fill, reader)
+    assert fill.complete and fill.failed == 1 and fill.passes == 1
+    assert fill.bytes_done == fill.bytes_total == 1000

@@ -461,3 +461,106 @@ def test_passes_in_many_batches(huge, tmp_path: Path, monkeypatch) -> None:
     cached = fill_cache(table, source, progress=False)
     assert cached.chunks == len(np.unique(choice[choice != zero]))
     assert collect_garbage(store, [table], dry_run=True, grace=0).deleted == 0
+
+
+def write_changed_ids(src: Path, dest: Path, lo: int, hi: int) -> None:
+    """``src`` with the ids of items ``lo..hi`` changed (same length, same offsets), a
+    newer mtime: another version nginx tells apart only by its ETag."""
+    raw = bytearray(src.read_bytes())
+    items = np.frombuffer(raw, dtype=np.uint8, count=ITEMS * 40, offset=ITEMS_OFFSET)
+    items = items.reshape(ITEMS, 40)
+    items[lo:hi, 8] ^= 0xFF
+    dest.write_bytes(bytes(raw))
+    later = src.stat().st_mtime + 10
+    os.utime(dest, (later, later))
+
+
+def test_versions_of_one_url_share_a_cache_without_mixing(huge, tmp_path: Path) -> None:
+    """Two tables of one URL pinned to two versions, one --cache: each reads only its own
+    version's pages (the one pinned to the old version never gets the new one's ids)."""
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(root / "big.caibx", www / "big.caibx")
+    v1 = read_index(root / "big.caibx")
+    options = RemoteOptions(cache=str(tmp_path / "cache"))
+    with nginx_serving(www, tmp_path / "nginx") as server:
+        url = f"{server.url}/big.caibx"
+        a = load_index(url, options)
+        assert isinstance(a, PagedTable)
+        early, late = 5000, 30_000
+        assert list(a.covering(v1.span(early)[0], 1)) == [early]
+        assert a.chunk_id(early) == v1.chunk_id(early)
+        write_changed_ids(root / "big.caibx", www / "new.caibx", 20_000, ITEMS)
+        os.replace(www / "new.caibx", www / "big.caibx")
+        b = load_index(url, options)  # the new version, its pages kept in the same cache
+        assert isinstance(b, PagedTable)
+        assert list(b.covering(v1.span(late)[0], 1)) == [late]
+        assert b.chunk_id(late) != v1.chunk_id(late)
+        # a's page of the late item is not cached for its version: fetched, and refused
+        with pytest.raises(TableError, match="changed on the server"):
+            a.covering(v1.span(late)[0], 1)
+        a._pages.clear()  # what a read before is then read from a's own version, offline
+        assert list(a.covering(v1.span(early)[0], 1)) == [early]
+        assert a.chunk_id(early) == v1.chunk_id(early)
+        versions = [p for p in (tmp_path / "cache" / "indexes").glob("*.pages/*") if p.is_dir()]
+        assert len(versions) == 2
+    # offline, the version opened last is the one used
+    offline = load_index(url, options)
+    assert list(offline.covering(v1.span(late)[0], 1)) == [late]
+    assert offline.chunk_id(late) == b.chunk_id(late)
+
+
+def test_old_versions_of_an_index_leave_the_cache(tmp_path: Path) -> None:
+    from cafuse.remoteindex import KEEP_VERSIONS, Pin, _prepare_cache
+
+    pages = tmp_path / "x.pages"
+    dirs = []
+    for n in range(KEEP_VERSIONS + 2):
+        version = _prepare_cache(pages, Pin(100, f'"{n}"', None), b"h", b"t")
+        assert version is not None
+        (version / "0.page").write_bytes(b"p")
+        os.utime(version / "pin.json", (n, n))  # opened in this order
+        dirs.append(version)
+    assert all(d.is_dir() for d in dirs[-KEEP_VERSIONS:])
+    assert not any(d.exists() for d in dirs[:-KEEP_VERSIONS])
+    assert (pages / "current").read_text() == dirs[-1].name
+    # no ETag and no Last-Modified: versions cannot be told apart, nothing is kept
+    assert _prepare_cache(pages, Pin(100, None, None), b"h", b"t") is None
+
+
+def test_a_page_fetched_is_served_when_the_cache_cannot_keep_it(huge, nginx, tmp_path, caplog):
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    table = read_index(root / "big.caibx")
+    cache = tmp_path / "cache"
+    paged = load_index(f"{nginx.url}/big.caibx", RemoteOptions(cache=str(cache)))
+    shutil.rmtree(cache / "indexes")  # (a full disk, a cache removed under the mount)
+    with caplog.at_level("WARNING", logger="cafuse.remoteindex"):
+        for item in (10_000, 20_000, 30_000):
+            assert list(paged.covering(table.span(item)[0], 1)) == [item]
+            assert paged.chunk_id(item) == table.chunk_id(item)
+    warned = [r for r in caplog.records if "cannot keep pages" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_a_second_pass_takes_the_pages_from_the_cache(huge, nginx, tmp_path: Path) -> None:
+    """info twice with one --cache: the second fetches the header and tail, no pages."""
+    from cafuse.maintenance import index_info
+    from cafuse.remoteindex import END_BYTES, FIRST_BYTES
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    size = (root / "big.caibx").stat().st_size
+    options = RemoteOptions(cache=str(tmp_path / "cache"))
+    infos, fetched = [], []
+    for _ in range(2):
+        table = load_index(f"{nginx.url}/big.caibx", options)
+        infos.append(index_info(table))
+        fetched.append(table.stats()["bytes_fetched"])
+    assert infos[0] == infos[1] == index_info(read_index(root / "big.caibx"))
+    assert fetched[0] > size // 2
+    assert fetched[1] == FIRST_BYTES + END_BYTES

@@ -564,3 +564,83 @@ def test_a_second_pass_takes_the_pages_from_the_cache(huge, nginx, tmp_path: Pat
     assert infos[0] == infos[1] == index_info(read_index(root / "big.caibx"))
     assert fetched[0] > size // 2
     assert fetched[1] == FIRST_BYTES + END_BYTES
+
+
+def blocked_page_reader(huge, gate: threading.Event, pages: list[int]):
+    """A reader over the big table whose page reads wait for ``gate``, then fail."""
+    from cafuse.fetch import ChunkSource
+    from cafuse.mount.reader import BlobReader
+    from cafuse.stores.local import LocalStore
+
+    root = huge[0]
+    table = read_index(root / "big.caibx")
+    assert isinstance(table, PagedTable)
+
+    def unreachable(page: int, offset: int, length: int) -> bytes:
+        pages.append(page)
+        gate.wait(30)
+        raise TableError(f"cannot fetch part of index {page}: unreachable")
+
+    table.source.read_page = unreachable  # type: ignore[method-assign]
+    source = ChunkSource(table.digest, [LocalStore(str(root / "default.castr"))])
+    return table, BlobReader(table, source)
+
+
+def test_reads_waiting_for_a_failing_page_fail_together(huge) -> None:
+    """Six reads need one page; its one read fails: all six fail with that error at once,
+    none reads the page again."""
+    import trio
+    import trio.testing
+
+    from cafuse.mount.reader import ReadFailed
+
+    gate = threading.Event()
+    pages: list[int] = []
+    table, reader = blocked_page_reader(huge, gate, pages)
+    far = table.blob_size - 3000
+    failures: list[str] = []
+
+    async def main() -> None:
+        async def read() -> None:
+            with pytest.raises(ReadFailed) as caught:
+                await reader.read(far, 100)
+            failures.append(str(caught.value))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            while not pages:  # the loader's thread has started
+                await trio.sleep(0.001)
+            gate.set()
+
+    trio.run(main)
+    assert len(pages) == 1
+    assert len(failures) == 6 and all("unreachable" in f for f in failures)
+    assert reader.failed_reads == 6
+
+
+def test_a_read_waiting_for_a_page_fails_in_bounded_time(huge) -> None:
+    import trio
+    import trio.testing
+
+    from cafuse.mount.reader import READ_GRACE, ReadFailed
+
+    gate = threading.Event()
+    table, reader = blocked_page_reader(huge, gate, [])
+    bound = reader.timeout + READ_GRACE
+    took: list[float] = []
+
+    async def main() -> None:
+        with trio.fail_after(10 * bound):  # the old code waited forever
+            start = trio.current_time()
+            with pytest.raises(ReadFailed, match="timed out"):
+                await reader.read(table.blob_size - 3000, 100)
+            took.append(trio.current_time() - start)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        gate.set()
+    assert took == [bound]
+    assert reader.failed_reads == 1

@@ -46,6 +46,14 @@ class _Stream:
     ahead_until: int = 0  # chunk index up to which readahead was already started
 
 
+@dataclass
+class _PageLoad:
+    """A table page being read: the reads that need it wait for ``done``."""
+
+    done: trio.Event
+    error: CafuseError | None = None  # why it failed: every waiter fails with it
+
+
 class ChunkCache:
     """An LRU of decompressed chunks by id, bounded by total bytes."""
 
@@ -112,7 +120,7 @@ class BlobReader:
             local_batch=batch,
             hedge=hedge,
         )
-        self._page_loads: dict[int, trio.Event] = {}  # table pages being read, by page
+        self._page_loads: dict[int, _PageLoad] = {}  # table pages being read, by page
         self._page_limiter = trio.CapacityLimiter(4)
         self._zeros = memoryview(bytes(index.chunk_max))
         self._streams: dict[int, _Stream] = {}
@@ -197,13 +205,21 @@ class BlobReader:
 
     async def _covering(self, offset: int, size: int) -> range:
         """The chunks covering a read; table pages not in memory yet are read in a thread
-        first (one read per page, however many reads wait for it)."""
+        first (one read per page, however many reads wait for it), within the read's
+        deadline."""
         try:
-            while True:
-                try:
-                    return self.index.covering(offset, size, wait=False)
-                except PageMissing as miss:
-                    await self._load_page(miss.page)
+            with trio.fail_after(self.timeout + READ_GRACE):
+                while True:
+                    try:
+                        return self.index.covering(offset, size, wait=False)
+                    except PageMissing as miss:
+                        await self._load_page(miss.page)
+        except trio.TooSlowError:
+            self.failed_reads += 1
+            self.stats.error("timeout")
+            msg = f"read of {size} bytes at {offset} timed out after {self.timeout:g} s"
+            log.error("%s (reading a page of the index)", msg)
+            raise ReadFailed(msg) from None
         except CafuseError as exc:  # a broken or changed table, or one not fetched
             self.failed_reads += 1
             # a broken page is named once; the reads that hit it again fail quietly
@@ -214,18 +230,25 @@ class BlobReader:
             raise ReadFailed(str(exc)) from None
 
     async def _load_page(self, page: int) -> None:
+        """Read table page ``page`` in a thread; the reads that ask meanwhile wait for
+        that one read and share its outcome: its error fails them all at once."""
         loading = self._page_loads.get(page)
         if loading is not None:
-            await loading.wait()  # then the caller asks again (and reads it, had it failed)
-            return
-        done = self._page_loads[page] = trio.Event()
+            await loading.done.wait()
+            if loading.error is not None:
+                raise loading.error
+            return  # loaded (or its loader was cancelled): the caller asks again
+        loading = self._page_loads[page] = _PageLoad(trio.Event())
         try:
             await trio.to_thread.run_sync(
                 self.index.load_page, page, limiter=self._page_limiter, abandon_on_cancel=True
             )
+        except CafuseError as exc:
+            loading.error = exc
+            raise
         finally:
             del self._page_loads[page]
-            done.set()
+            loading.done.set()
 
     async def _await_fetches(
         self,

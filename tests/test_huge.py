@@ -644,3 +644,34 @@ def test_a_read_waiting_for_a_page_fails_in_bounded_time(huge) -> None:
         gate.set()
     assert took == [bound]
     assert reader.failed_reads == 1
+
+
+def test_ids_sharing_their_first_8_bytes_are_distinct(tmp_path: Path) -> None:
+    """An id whose first 8 bytes are another's (a crafted collision costs ~2^32 digests)
+    is still its own chunk for verify and cache: checked, and here reported missing."""
+    from cafuse.chunktable import Batch
+    from cafuse.digest import FLAG_BLAKE3
+    from cafuse.index import IndexWriter
+    from cafuse.maintenance import verify_store
+    from cafuse.stores.local import LocalStore
+    from cafuse.tablepass import DistinctKeys
+
+    chunks = make_chunks(tmp_path / "store", 2, MIN, MAX)
+    twin = chunks.ids[0].copy()
+    twin[8:] ^= 0x5A  # same first 8 bytes as chunk 0, not in the store
+    ids = np.stack([chunks.ids[0], chunks.ids[1], twin, chunks.ids[0], twin])
+    sizes = chunks.sizes[[0, 1, 0, 0, 0]]
+    ends = np.cumsum(sizes, dtype=np.uint64)
+    seen = DistinctKeys()
+    one = seen.first_seen(Batch(0, 0, ends[:2], ids[:2], np.zeros(2, dtype=bool)))
+    rest = seen.first_seen(Batch(2, int(ends[1]), ends[2:], ids[2:], np.zeros(3, dtype=bool)))
+    assert one.tolist() == [0, 1] and rest.tolist() == [0]  # the twin, once
+    together = DistinctKeys().first_seen(Batch(0, 0, ends, ids, np.zeros(5, dtype=bool)))
+    assert together.tolist() == [0, 1, 2]
+    with IndexWriter(tmp_path / "twins.caibx", FLAG_BLAKE3, MIN, AVG, MAX) as writer:
+        writer.append(ends, ids)
+        writer.commit()
+    index = read_index(tmp_path / "twins.caibx")
+    report = verify_store(index, LocalStore(str(tmp_path / "store")), progress=False)
+    assert report.checked == 3
+    assert report.missing == [twin.tobytes()]

@@ -1,4 +1,4 @@
-"""Huge indexes: the table read a page at a time (memory map locally, ranged GETs by URL),
+"""Huge indexes: the table read a page at a time (pread locally, ranged GETs by URL),
 checked page by page, pinned to one version on the server, kept in --cache."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def random_reads(
         os.close(fd)
 
 
-def test_mapped_table_matches_the_parsed_one(huge) -> None:
+def test_paged_table_matches_the_parsed_one(huge) -> None:
     root, _, _ = huge
     table = read_index(root / "big.caibx")
     parsed = parse_index((root / "big.caibx").read_bytes())

@@ -384,7 +384,7 @@ def _prepare_cache(pages_dir: Path, pin: Pin, head: bytes, tail: bytes) -> Path 
     None when the pin cannot tell versions apart (no ETag, no Last-Modified): such pages
     are not kept, as they could not be told from another version's of the same length."""
     if pin.etag is None and pin.last_modified is None:
-        log.info("index %s: no ETag or Last-Modified: its pages are not kept in the cache", pin)
+        log.info("index pages not kept in the cache: the server sends no ETag or Last-Modified")
         return None
     version = pages_dir / _version_name(pin)
     try:

@@ -115,8 +115,11 @@ class FetchScheduler:
         timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         hedge: bool = True,
+        max_remote_slots: int | None = None,
+        on_fetched: Callable[[int, float], None] | None = None,
     ) -> None:
         self.source = source
+        self.on_fetched = on_fetched  # (chunk size, seconds) of each good remote fetch
         self.hedge = hedge and source.has_remote
         self._hedge_after: float | None = None
         self._since_hedge_refresh = 0
@@ -129,6 +132,7 @@ class FetchScheduler:
         self.hedges_skipped = 0  # over the budget
         self.deliver = deliver
         self.remote_slots = max(1, remote_slots)
+        self.max_remote_slots = max(self.remote_slots, max_remote_slots or self.remote_slots)
         self.reserved = min(
             self.remote_slots, reserved if reserved is not None else max(1, remote_slots // 4)
         )
@@ -162,6 +166,18 @@ class FetchScheduler:
                     nursery.start_soon(self._remote_worker, k < self.reserved)
             task_status.started()
             await trio.sleep_forever()
+
+    def want_remote_slots(self, slots: int) -> None:
+        """Start more remote workers, up to ``max_remote_slots``: the readahead window of
+        a long fat link needs more chunks in flight than a local network (never shrinks:
+        an idle worker is a parked task, no thread)."""
+        slots = min(slots, self.max_remote_slots)
+        if slots <= self.remote_slots or self._nursery is None or not self.source.has_remote:
+            return
+        for _ in range(slots - self.remote_slots):
+            self._nursery.start_soon(self._remote_worker, False)
+        self.remote_slots = slots
+        self._remote_limiter.total_tokens = slots * 4
 
     def close(self, reason: str = "the mount is shutting down") -> None:
         """Fail every pending flight at once (reads get EIO) and refuse new ones."""
@@ -312,6 +328,7 @@ class FetchScheduler:
         cancels: list[threading.Event] = []
         data: bytes | None = None
         error: Exception | None = None
+        started = self.clock()
 
         async def attempt(which: int, limiter: trio.CapacityLimiter) -> None:
             cancel = threading.Event()
@@ -361,6 +378,8 @@ class FetchScheduler:
                         break
                 nursery.cancel_scope.cancel()
             self.fetched[priority] += int(data is not None)
+            if data is not None and self.on_fetched is not None:
+                self.on_fetched(flight.size, self.clock() - started)
         finally:
             for cancel in cancels:
                 cancel.set()

@@ -31,6 +31,12 @@ def mount_type(path: str) -> str | None:
 
     Works on a dead FUSE mount too, where every stat fails with ENOTCONN.
     """
+    found = _mountinfo(path)
+    return found[1] if found else None
+
+
+def _mountinfo(path: str) -> tuple[str, str] | None:
+    """``(major:minor, type)`` of the last mount at ``path``, without touching it."""
     absolute = os.path.abspath(path)
     parent, name = os.path.split(absolute)
     wanted = {absolute, os.path.join(os.path.realpath(parent), name)}
@@ -42,8 +48,8 @@ def mount_type(path: str) -> str | None:
                 if len(fields) < 9 or "-" not in fields:
                     continue
                 point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                if point in wanted:
-                    found = fields[fields.index("-") + 1]  # the last one mounted wins
+                if point in wanted:  # the last one mounted wins
+                    found = (fields[2], fields[fields.index("-") + 1])
     except OSError:
         return None
     return found
@@ -192,6 +198,7 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         pyfuse3.init(fs, opts.mountpoint, fuse_options)
     except RuntimeError as exc:
         raise CafuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
+    _widen_kernel_readahead(opts.mountpoint)
     log.info(
         "mounted %s at %s (%d chunks, %d bytes)",
         opts.index,
@@ -207,6 +214,25 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)
     return 0
+
+
+KERNEL_READAHEAD_KB = 1024  # FUSE's largest request (libfuse negotiates 256 pages)
+
+
+def _widen_kernel_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB on this mount instead of 128 KiB: its sequential
+    reads then arrive as 1 MiB FUSE requests, an eighth of the per-request cost (the
+    event loop's hop per request is what bounds a local cold read). Needs root; without
+    it the mount works as before. (No stat of the mount point here: the kernel would
+    send it to this daemon, which does not serve yet.)"""
+    found = _mountinfo(mountpoint)
+    if found is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{found[0]}/read_ahead_kb", "w") as f:
+            f.write(f"{KERNEL_READAHEAD_KB}\n")
+    except OSError as exc:
+        log.info("kernel readahead of %s left as it is: %s", mountpoint, exc)
 
 
 async def _main(reader) -> None:

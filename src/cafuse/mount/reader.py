@@ -4,15 +4,14 @@ A read is resolved through the index's end offsets to the chunks covering it. Ea
 comes from a bounded in-memory LRU of decompressed chunks, or through the fetch scheduler
 (one fetch per chunk id, however many reads wait for it; local sources first, then the
 remote stores by priority). Zero chunks are served without a fetch. When a stream of reads
-is sequential, the chunks ahead of it are requested at readahead priority, in a window
-that doubles while the pattern holds.
+is sequential, the chunks ahead of it are requested at readahead priority, in a window the
+readahead policy (readahead.py) sizes to the link; the remote workers follow the window.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import trio
 
@@ -20,27 +19,16 @@ from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
 from ..index import Index
 from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
+from .readahead import Readahead
 
 log = logging.getLogger(__name__)
 
 
-SEQUENTIAL_THRESHOLD = 512 << 10
-REORDER_SLACK = 1 << 20
 READ_GRACE = 5.0  # a read waits this much past its chunks' deadline before it gives up
 
 
 class ReadFailed(CafuseError):
     """A read could not be satisfied; the FUSE layer turns this into EIO."""
-
-
-@dataclass
-class _Stream:
-    """Readahead state of one open file handle."""
-
-    next_offset: int = -1
-    run_bytes: int = 0  # read in sequence so far
-    window: int = 0
-    ahead_until: int = 0  # chunk index up to which readahead was already started
 
 
 class ChunkCache:
@@ -85,7 +73,14 @@ class BlobReader:
         local_threads: int = 2,
         batch: int = 8,
         hedge: bool = True,
+        readahead_memory: int | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
+        """``readahead``: chunks the window of a sequential stream doubles to at once (0:
+        no readahead); beyond that it grows while the read rate does, all streams sharing
+        ``readahead_memory`` bytes ahead (default a quarter of ``memory_cache``). Remote
+        fetches in flight grow from ``concurrency`` with the window, up to
+        ``max_concurrency`` (default 8 x ``concurrency``)."""
         self.index = index
         self.source = source
         self.stats = source.stats
@@ -99,11 +94,22 @@ class BlobReader:
             local_slots=local_threads,
             local_batch=batch,
             hedge=hedge,
+            max_remote_slots=max_concurrency or 8 * concurrency,
+            on_fetched=self._fetched,
+        )
+        self._avg_chunk = max(1, index.blob_size // max(1, index.chunk_count))
+        self.readahead_policy = Readahead(
+            index.blob_size,
+            budget=(memory_cache // 4 if readahead_memory is None else readahead_memory)
+            if readahead
+            else 0,
+            initial=2 * index.chunk_max,
+            quick=readahead * self._avg_chunk,
+            align=self._chunk_start,
         )
         self._ends = index.ends
         self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup
         self._zeros = memoryview(bytes(index.chunk_max))
-        self._streams: dict[int, _Stream] = {}
         self._waiting_reads = 0
         self._no_waiting_reads = trio.Event()
         self.served_bytes = 0
@@ -145,7 +151,7 @@ class BlobReader:
         first, last = chunks.start, chunks.stop - 1
         ends = self._ends
         if stream is not None and self.readahead:
-            self._plan_readahead(stream, offset, end - offset, last + 1)
+            self._plan_readahead(stream, offset, end - offset, int(ends[last]))
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
@@ -225,36 +231,35 @@ class BlobReader:
 
     # ------------------------------------------------------------------ readahead
 
-    def _plan_readahead(self, stream: int, offset: int, size: int, next_chunk: int) -> None:
-        state = self._streams.setdefault(stream, _Stream())
-        # the kernel keeps several requests of one sequential reader in flight, and they can
-        # arrive slightly out of order: count a read near the stream's front as sequential
-        sequential = abs(offset - state.next_offset) <= REORDER_SLACK
-        state.next_offset = max(state.next_offset, offset + size) if sequential else offset + size
-        state.run_bytes = state.run_bytes + size if sequential else size
-        if state.run_bytes < SEQUENTIAL_THRESHOLD:
-            # the kernel's own readahead makes a few consecutive requests after any read;
-            # only a longer run is a sequential reader worth fetching ahead for
-            state.window = 0
-            state.ahead_until = next_chunk
+    def _chunk_start(self, offset: int) -> int:
+        """The start of the chunk holding byte ``offset``: readahead ends on a boundary."""
+        return self.index.span(self.index.covering(offset, 1).start)[0]
+
+    def _fetched(self, size: int, seconds: float) -> None:
+        self.readahead_policy.observe_latency(seconds)
+
+    def _plan_readahead(self, stream: int, offset: int, size: int, covered_end: int) -> None:
+        ahead = self.readahead_policy.on_read(stream, offset, size, covered_end)
+        if ahead is None:
             return
-        state.window = min(max(2, state.window * 2), self.readahead)
-        first = max(next_chunk, state.ahead_until)
-        last = min(next_chunk + state.window, self.index.chunk_count)
+        start, end = ahead
         wanted: list[tuple[bytes, int]] = []
-        ends = self._ends
-        for i in range(first, last):
-            if self._zero[i]:
+        zero = self._zero
+        for i in self.index.covering(start, end - start):
+            if zero[i]:
                 continue
             chunk_id = self.index.chunk_id(i)
             if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
-                wanted.append((chunk_id, int(ends[i]) - (int(ends[i - 1]) if i else 0)))
+                lo, hi = self.index.span(i)
+                wanted.append((chunk_id, hi - lo))
         if wanted:
             self.scheduler.request(wanted, Priority.READAHEAD)
-        state.ahead_until = max(state.ahead_until, last)
+            if self.source.has_remote:
+                chunks = -(-self.readahead_policy.total_ahead // self._avg_chunk)
+                self.scheduler.want_remote_slots(chunks + self.scheduler.reserved)
 
     def forget_stream(self, stream: int) -> None:
-        self._streams.pop(stream, None)
+        self.readahead_policy.forget(stream)
 
     # ------------------------------------------------------------------ stats
 
@@ -276,4 +281,5 @@ class BlobReader:
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
+        snap["readahead"] = self.readahead_policy.snapshot()
         return snap

@@ -59,9 +59,52 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     opts.foreground = args.foreground
     if args.allow_other:
         opts.fuse_options.add("allow_other")
+    _throughput_options(args, opts)
     if "/" in opts.file_name or opts.file_name in ("", ".", ".."):
         raise CafuseError(f"bad --name {opts.file_name!r}: give a plain file name")
     return opts
+
+
+def _print_readahead(readahead: dict | None) -> None:
+    """The readahead window and bytes in flight of each stream (issue 11)."""
+    if not readahead:
+        return
+    latency = readahead.get("min_latency_ms")
+    print(
+        f"readahead: {format_size(readahead['ahead_bytes'])} ahead of "
+        f"{format_size(readahead['budget'])}"
+        + (f", shortest remote fetch {latency} ms" if latency is not None else "")
+    )
+    for stream, state in sorted(readahead["streams"].items(), key=lambda kv: int(kv[0])):
+        print(
+            f"  stream {stream}: window {format_size(state['window'])}, "
+            f"{format_size(state['in_flight'])} in flight, {state['phase']}, "
+            f"{state['rate_mbps']} MB/s"
+        )
+
+
+def _throughput_options(args: argparse.Namespace, opts: MountOptions) -> None:
+    """Readahead memory and remote fetches in flight (issue 11)."""
+    if args.readahead_memory:
+        opts.readahead_memory = parse_size(args.readahead_memory, "--readahead-memory")
+    if args.max_concurrency:
+        opts.max_concurrency = args.max_concurrency
+
+
+def _add_throughput_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--readahead-memory",
+        metavar="SIZE",
+        help="bytes fetched ahead of all sequential readers together, shared fairly "
+        "(default: a quarter of --memory-cache)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=_count(1),
+        metavar="N",
+        help="most remote chunk fetches in flight when a long fat link needs a large "
+        "readahead window (default 8 x --concurrency)",
+    )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -135,6 +178,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"fetching: {fetching or 'none'}; {sched['remote_slots']} remote slots, "
             f"{sched['reserved_for_reads']} kept for reads"
         )
+    _print_readahead(stats.get("readahead"))
     if stats["errors"]:
         print("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())))
     return 0
@@ -184,6 +228,7 @@ def add_mount_commands(
         metavar="N",
         help="remote chunk fetches in flight; a quarter serve reads only (default 16)",
     )
+    _add_throughput_arguments(p)
     p.add_argument("--name", help="file name inside the mount (default: index name)")
     p.add_argument(
         "--allow-other",
@@ -197,7 +242,8 @@ def add_mount_commands(
         action="append",
         metavar="OPTIONS",
         help="comma-separated options as in fstab: store=,seed=,name=,"
-        "memory_cache=,readahead=,timeout=,log=,allow_other,nohedge",
+        "memory_cache=,readahead=,readahead_memory=,max_concurrency=,timeout=,log=,"
+        "allow_other,nohedge",
     )
     add_remote_options(p)
     # for the mount, --timeout also bounds each read: past it the read fails with EIO

@@ -93,6 +93,7 @@ def mount(opts: MountOptions) -> int:
     from ..stores import parse_location
 
     check_mountpoint(opts.mountpoint)
+    opts.check_throughput()
     # checks that start no threads happen here; opening remote stores starts obstore's
     # runtime threads, which a fork would lose, so that waits for the child
     for text in (opts.index, *opts.stores):
@@ -186,6 +187,8 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         local_threads=min(opts.concurrency, os.cpu_count() or 2),
         batch=8,
         hedge=opts.hedge,
+        readahead_memory=opts.readahead_memory,
+        max_concurrency=opts.max_concurrency,
     )
     fs = BlobFS(reader, opts.file_name, mtime_ns)
     fuse_options = set(opts.fuse_options)
@@ -198,7 +201,6 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         pyfuse3.init(fs, opts.mountpoint, fuse_options)
     except RuntimeError as exc:
         raise CafuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
-    _widen_kernel_readahead(opts.mountpoint)
     log.info(
         "mounted %s at %s (%d chunks, %d bytes)",
         opts.index,
@@ -209,7 +211,7 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
     if ready is not None:
         _report(ready, "ok")
     try:
-        trio.run(_main, reader)
+        trio.run(_main, reader, opts.mountpoint)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)
@@ -223,8 +225,8 @@ def _widen_kernel_readahead(mountpoint: str) -> None:
     """Let the kernel read ahead 1 MiB on this mount instead of 128 KiB: its sequential
     reads then arrive as 1 MiB FUSE requests, an eighth of the per-request cost (the
     event loop's hop per request is what bounds a local cold read). Needs root; without
-    it the mount works as before. (No stat of the mount point here: the kernel would
-    send it to this daemon, which does not serve yet.)"""
+    it the mount works as before. Called once the kernel's INIT is answered: the INIT
+    reply would cut it back to what the kernel offered (128 KiB)."""
     found = _mountinfo(mountpoint)
     if found is None:
         return
@@ -235,7 +237,17 @@ def _widen_kernel_readahead(mountpoint: str) -> None:
         log.info("kernel readahead of %s left as it is: %s", mountpoint, exc)
 
 
-async def _main(reader) -> None:
+async def _widen_when_live(mountpoint: str) -> None:
+    import trio
+
+    try:  # answered by this daemon's loop, after INIT
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError:
+        return
+    _widen_kernel_readahead(mountpoint)
+
+
+async def _main(reader, mountpoint: str) -> None:
     import pyfuse3
     import trio
 
@@ -250,6 +262,7 @@ async def _main(reader) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         nursery.start_soon(on_signal)
+        nursery.start_soon(_widen_when_live, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -59,6 +59,22 @@ class MountOptions:
     foreground: bool = False
     log_file: str | None = None
     fuse_options: set[str] = field(default_factory=lambda: set(DEFAULT_FUSE_OPTIONS))
+    # throughput (issue 11): None = derived from memory_cache / concurrency
+    readahead_memory: int | None = None
+    max_concurrency: int | None = None
+
+    def check_throughput(self) -> None:
+        """Readahead that does not fit in the memory cache would evict itself."""
+        if self.readahead_memory is not None and self.readahead_memory > self.memory_cache // 2:
+            raise CafuseError(
+                f"readahead memory {self.readahead_memory} is more than half the memory cache "
+                f"({self.memory_cache}): lower --readahead-memory or raise --memory-cache"
+            )
+        if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
+            raise CafuseError(
+                f"--max-concurrency {self.max_concurrency} is below --concurrency "
+                f"{self.concurrency}: raise it, or lower --concurrency"
+            )
 
     @property
     def file_name(self) -> str:
@@ -107,6 +123,13 @@ _SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "cache_size": _set_cache_size,
     "s3_endpoint": lambda o, v: setattr(o, "s3_endpoint", v),
     "s3_region": lambda o, v: setattr(o, "s3_region", v),
+    # throughput (issue 11)
+    "readahead_memory": lambda o, v: setattr(
+        o, "readahead_memory", parse_size(v, "readahead_memory")
+    ),
+    "max_concurrency": lambda o, v: setattr(
+        o, "max_concurrency", _whole(v, "max_concurrency", minimum=1)
+    ),
 }
 
 

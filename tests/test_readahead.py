@@ -259,3 +259,56 @@ def test_the_reader_never_requests_a_chunk_past_the_end_and_serves_every_byte() 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_many_reader_streams_keep_their_readahead_within_the_budget() -> None:
+    """Twelve streams through the reader at once: the chunks requested ahead and not yet
+    fetched never add up to more than the readahead memory."""
+    rng = random.Random(4)
+    sizes = [rng.randrange(1024, 16384) for _ in range(3000)]
+    index = small_index(sizes)
+    source = LocalSource()
+    budget = 384 << 10
+
+    async def main() -> None:
+        reader = BlobReader(
+            index,
+            source,  # type: ignore[arg-type]
+            memory_cache=1 << 20,
+            readahead=8,
+            readahead_memory=budget,
+        )
+        policy = reader.readahead_policy
+        ahead_requests = 0
+        original = reader.scheduler.request
+
+        def spy(items, priority):
+            nonlocal ahead_requests
+            ahead_requests += priority == Priority.READAHEAD
+            return original(items, priority)
+
+        reader.scheduler.request = spy  # type: ignore[method-assignment]
+
+        def pending_ahead() -> int:
+            flights = reader.scheduler._flights.values()
+            return sum(f.size for f in flights if f.priority == Priority.READAHEAD)
+
+        async def stream(k: int) -> None:
+            offset = k * (index.blob_size // 12)
+            for _ in range(60):
+                data = await reader.read(offset, 16384, stream=k)
+                assert len(data) == 16384
+                offset += 16384
+                assert policy.total_ahead <= budget
+                assert pending_ahead() <= budget
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            async with trio.open_nursery() as readers:
+                for k in range(12):
+                    readers.start_soon(stream, k)
+            assert ahead_requests > 12  # every stream read ahead
+            assert sum(s.ahead() for s in policy.streams.values()) == policy.total_ahead
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

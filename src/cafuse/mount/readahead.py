@@ -130,7 +130,7 @@ class Readahead:
         if state.run_bytes < SEQUENTIAL_THRESHOLD or not self.budget:
             # the kernel's own readahead makes a few consecutive requests after any read;
             # only a longer run is a sequential reader worth fetching ahead for
-            self._reset(state, covered_end)
+            self._reset(state)
             self._total_ahead += state.ahead() - before
             return None
         self._grow(state, now)
@@ -150,10 +150,10 @@ class Readahead:
 
     # ------------------------------------------------------------------ the window
 
-    def _reset(self, state: StreamState, covered_end: int) -> None:
+    def _reset(self, state: StreamState) -> None:
         state.window = 0
         state.phase = START
-        state.ahead_until = covered_end
+        state.ahead_until = state.next_offset  # nothing ahead
         state.best_rate = state.rate = 0.0
         state.round_start = 0.0
         state.hold_rounds = 0

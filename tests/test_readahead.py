@@ -312,3 +312,31 @@ def test_many_reader_streams_keep_their_readahead_within_the_budget() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_remote_workers_follow_the_window_up_to_the_maximum() -> None:
+    from test_fetch_core import FakeSource, ids, run_scheduler_sync, until
+
+    source = FakeSource()
+    fetched: list[tuple[int, float]] = []
+
+    async def test(scheduler) -> None:
+        flights = scheduler.request(ids("r", 10), Priority.READAHEAD)
+        await until(lambda: len(source.started) == 3)  # 4 slots, 1 kept for reads
+        scheduler.want_remote_slots(8)
+        await until(lambda: len(source.started) == 8 - 1)
+        scheduler.want_remote_slots(100)  # capped at the maximum
+        await until(lambda: len(source.started) == 10)
+        assert scheduler.remote_slots == 12
+        source.release_all()
+        for flight in flights:
+            await flight.wait()
+        assert len(fetched) == 10 and all(size == 10 for size, _ in fetched)
+
+    run_scheduler_sync(
+        source,
+        test,
+        remote_slots=4,
+        max_remote_slots=12,
+        on_fetched=lambda size, seconds: fetched.append((size, seconds)),
+    )

@@ -151,7 +151,7 @@ class BlobReader:
         first, last = chunks.start, chunks.stop - 1
         ends = self._ends
         if stream is not None and self.readahead:
-            self._plan_readahead(stream, offset, end - offset, int(ends[last]))
+            self._plan_readahead(stream, offset, end - offset, self.index.span(last)[1])
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []

@@ -37,6 +37,7 @@ import trio
 
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
+from .stores.health import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ HEDGE_FACTOR = 3.0  # a read's request unanswered after 3x the p95 latency gets 
 HEDGE_MIN = 0.05
 HEDGE_SLOTS = 4
 HEDGE_BUDGET = 0.1  # hedges per remote fetch, at most: a loaded store must not get more load
+SILENT_AFTER = 1.0  # a store asked and silent this long holds back more remote workers
 
 
 class Priority(IntEnum):
@@ -174,10 +176,22 @@ class FetchScheduler:
         slots = min(slots, self.max_remote_slots)
         if slots <= self.remote_slots or self._nursery is None or not self.source.has_remote:
             return
+        if not self._stores_answering():
+            return
         for _ in range(slots - self.remote_slots):
             self._nursery.start_soon(self._remote_worker, False)
         self.remote_slots = slots
         self._remote_limiter.total_tokens = slots * 4
+
+    def _stores_answering(self) -> bool:
+        """No store being asked has gone quiet: one that accepts requests and never
+        answers must not get a larger wave of them before its breaker opens."""
+        for health in getattr(self.source.router, "health", {}).values():
+            if health.state == OPEN or not health.requests:
+                continue
+            if health.clock() - health.last_answer > SILENT_AFTER:
+                return False
+        return True
 
     def close(self, reason: str = "the mount is shutting down") -> None:
         """Fail every pending flight at once (reads get EIO) and refuse new ones."""

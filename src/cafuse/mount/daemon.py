@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -190,7 +191,8 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         readahead_memory=opts.readahead_memory,
         max_concurrency=opts.max_concurrency,
     )
-    fs = BlobFS(reader, opts.file_name, mtime_ns)
+    widen = functools.partial(_widen_kernel_readahead, opts.mountpoint)
+    fs = BlobFS(reader, opts.file_name, mtime_ns, after_init=widen)
     fuse_options = set(opts.fuse_options)
     location = parse_location(opts.index, "index")
     fuse_options.add(
@@ -211,7 +213,7 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
     if ready is not None:
         _report(ready, "ok")
     try:
-        trio.run(_main, reader, opts.mountpoint)
+        trio.run(_main, reader)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)
@@ -226,7 +228,9 @@ def _widen_kernel_readahead(mountpoint: str) -> None:
     reads then arrive as 1 MiB FUSE requests, an eighth of the per-request cost (the
     event loop's hop per request is what bounds a local cold read). Needs root; without
     it the mount works as before. Called once the kernel's INIT is answered: the INIT
-    reply would cut it back to what the kernel offered (128 KiB)."""
+    reply would cut it back to what the kernel offered (128 KiB). Never by a stat of the
+    mount point: a thread of this daemon waiting on its own mount would keep a killed
+    daemon from exiting, and its mount alive."""
     found = _mountinfo(mountpoint)
     if found is None:
         return
@@ -237,17 +241,7 @@ def _widen_kernel_readahead(mountpoint: str) -> None:
         log.info("kernel readahead of %s left as it is: %s", mountpoint, exc)
 
 
-async def _widen_when_live(mountpoint: str) -> None:
-    import trio
-
-    try:  # answered by this daemon's loop, after INIT
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-    except OSError:
-        return
-    _widen_kernel_readahead(mountpoint)
-
-
-async def _main(reader, mountpoint: str) -> None:
+async def _main(reader) -> None:
     import pyfuse3
     import trio
 
@@ -262,7 +256,6 @@ async def _main(reader, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         nursery.start_soon(on_signal)
-        nursery.start_soon(_widen_when_live, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

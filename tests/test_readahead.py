@@ -340,3 +340,25 @@ def test_remote_workers_follow_the_window_up_to_the_maximum() -> None:
         max_remote_slots=12,
         on_fetched=lambda size, seconds: fetched.append((size, seconds)),
     )
+
+
+def test_no_more_remote_workers_while_a_store_asked_is_silent() -> None:
+    from test_fetch_core import FakeSource, run_scheduler_sync
+
+    from cafuse.stores.health import StoreHealth
+
+    source = FakeSource()
+    clock = Clock()
+    silent = StoreHealth("http://dark", clock)
+    source.health = {1: silent}  # the router's health of each store
+
+    async def test(scheduler) -> None:
+        silent.acquire()  # asked, never answered
+        clock.now = 5.0
+        scheduler.want_remote_slots(12)
+        assert scheduler.remote_slots == 4
+        silent.success(0.01, 100)  # it answers after all
+        scheduler.want_remote_slots(12)
+        assert scheduler.remote_slots == 12
+
+    run_scheduler_sync(source, test, remote_slots=4, max_remote_slots=12)

@@ -362,3 +362,30 @@ def test_no_more_remote_workers_while_a_store_asked_is_silent() -> None:
         assert scheduler.remote_slots == 12
 
     run_scheduler_sync(source, test, remote_slots=4, max_remote_slots=12)
+
+
+def test_kernel_requests_answered_out_of_order_keep_the_window() -> None:
+    """Two 1 MiB readahead requests of one reader in flight arrive swapped: still one
+    sequential stream, its window intact."""
+    clock = Clock()
+    ra = Readahead(1 << 30, budget=64 * MiB, initial=256 * KiB, quick=4 * MiB, clock=clock)
+    offset = 0
+    while offset < 64 * MiB:
+        for first in (offset + MiB, offset):  # the later request first
+            clock.now += 0.001
+            ra.on_read(1, first, MiB, first + MiB)
+        offset += 2 * MiB
+        assert ra.streams[1].window > 0
+    assert ra.streams[1].run_bytes == 64 * MiB
+
+
+def test_a_seek_restarts_the_window_even_for_large_reads() -> None:
+    clock = Clock()
+    ra = Readahead(1 << 34, budget=64 * MiB, initial=256 * KiB, quick=4 * MiB, clock=clock)
+    for offset in range(0, 32 * MiB, MiB):
+        clock.now += 0.001
+        ra.on_read(1, offset, MiB, offset + MiB)
+    assert ra.streams[1].window >= 4 * MiB
+    ra.on_read(1, 8 << 30, MiB, (8 << 30) + MiB)  # 1 MiB elsewhere: a new run
+    assert ra.streams[1].window == 256 * KiB
+    assert ra.streams[1].ahead_until <= (8 << 30) + 256 * KiB + MiB

@@ -35,7 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SEQUENTIAL_THRESHOLD = 512 << 10
-REORDER_SLACK = 1 << 20
+# in order: up to 1 MiB past the stream's front, or up to 4 MiB behind it (the kernel has
+# up to two 1 MiB readahead requests of one reader in flight, answered in any order)
+REORDER_AHEAD = 1 << 20
+REORDER_BEHIND = 4 << 20
 GAIN = 1.2  # a doubling must raise the measured rate by this much to be followed by another
 MIN_ROUND_BYTES = 1 << 20
 MIN_ROUND_SECONDS = 0.005
@@ -119,13 +122,14 @@ class Readahead:
         if state is None:
             state = self.streams[stream] = StreamState()
         before = state.ahead()
-        sequential = abs(offset - state.next_offset) <= REORDER_SLACK
+        sequential = -REORDER_BEHIND <= offset - state.next_offset <= REORDER_AHEAD
         if sequential:
             state.next_offset = max(state.next_offset, offset + size)
             state.run_bytes += size
-        else:
+        else:  # a seek: whatever was ahead is not, and growth starts over
             state.next_offset = offset + size
             state.run_bytes = size
+            self._reset(state)
         state.last_read = now
         if state.run_bytes < SEQUENTIAL_THRESHOLD or not self.budget:
             # the kernel's own readahead makes a few consecutive requests after any read;

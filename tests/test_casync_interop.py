@@ -89,3 +89,24 @@ def test_casync_empty_blob_needs_no_store(tmp_path: Path) -> None:
     assert out.exists() and out.stat().st_size == 0
     run_cafuse("extract", index, tmp_path / "out2.img", "--store", store)
     assert (tmp_path / "out2.img").stat().st_size == 0
+
+
+def test_uncompressed_store_extracts_with_casync(ext4_image: Path, tmp_path: Path) -> None:
+    """--compression none writes bare <id> files, which casync reads as uncompressed."""
+    index, store = tmp_path / "image.caibx", tmp_path / "store"
+    run_cafuse(
+        "make",
+        index,
+        ext4_image,
+        "--store",
+        store,
+        "--digest",
+        "sha512-256",
+        "--compression",
+        "none",
+    )
+    assert not list(store.rglob("*.cacnk"))
+    out = tmp_path / "casync-out.img"
+    proc = casync("extract", f"--store={store}", index, out)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(out) == sha256_file(ext4_image)

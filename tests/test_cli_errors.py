@@ -149,6 +149,7 @@ def test_unwritable_output(small: dict[str, Path], tmp_path: Path) -> None:
         ("64K:32M", "outside"),
         ("1:2:3:4", "expected [MIN:]AVG[:MAX]"),
         ("16", "outside"),
+        ("64", "'64': MIN 16 outside"),
     ],
 )
 def test_bad_chunk_size(small: dict[str, Path], tmp_path: Path, spec: str, message: str) -> None:
@@ -365,3 +366,84 @@ def test_cat_takes_sizes_with_suffixes(small: dict[str, Path]) -> None:
         run_cafuse("cat", small["index"], "--store", small["store"], "--offset", "1Q", check=False),
         "bad size '1Q'",
     )
+
+
+COMMANDS = ("make", "extract", "cat", "cache", "info", "verify", "gc", "mount", "umount", "stats")
+
+
+def test_help_shows_real_defaults_and_every_mount_option() -> None:
+    from cafuse import defaults
+    from cafuse.mount.options import SETTERS
+
+    for command in COMMANDS:
+        text = run_cafuse(command, "--help").stdout
+        assert "default: None" not in text and "(default None)" not in text, command
+    mount = " ".join(run_cafuse("mount", "--help").stdout.split())
+    for key in SETTERS:
+        assert f"{key}=" in mount, key
+    for key in ("cache=", "cache_size=", "retries=", "s3_endpoint=", "s3_region="):
+        assert key in mount
+    assert f"(default: {defaults.TIMEOUT:g})" in mount
+    assert f"(default: {defaults.RETRIES})" in mount
+    assert f"(default: {defaults.CACHE_SIZE})" in mount
+
+
+def test_cli_modules_import_no_cycle_and_help_imports_no_tqdm() -> None:
+    code = (
+        "import sys, cafuse.mount.cli; "
+        "assert 'cafuse.cli' not in sys.modules, 'mount.cli imports cli'; "
+        "import cafuse.cli, cafuse.mount.helper; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cafuse", "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0
+    imported = proc.stderr
+    for heavy in ("tqdm", "numpy", "pyfuse3", "trio", "obstore", "zstandard"):
+        assert f"| {heavy}\n" not in imported and f" {heavy}\n" not in imported, heavy
+
+
+def test_progress_bar_on_a_terminal_only(small: dict[str, Path], tmp_path: Path) -> None:
+    """On a terminal: total, ETA and sizes in the summary's units, redrawn in place with
+    the line cleared; piped: nothing on stderr."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))  # narrow
+    out = tmp_path / "o.img"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cafuse", "extract", small["index"], out, "--store",
+             small["store"]],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            timeout=120,
+        )  # fmt: skip
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    bar = b"".join(chunks).decode(errors="replace")
+    assert "extract" in bar and "ETA" in bar and "100%" in bar, bar
+    assert "\r" in bar and "KiB" in bar, bar
+    for frame in re.split(r"[\r\n]+", bar):  # every redraw fits the 60 columns
+        assert len(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", frame)) <= 60, frame
+    piped = run_cafuse("extract", small["index"], out, "--store", small["store"])
+    assert piped.stderr == ""

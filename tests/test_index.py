@@ -27,7 +27,7 @@ def build(
     sizes=(16, 64, 256),
     ids: list[bytes] | None = None,
 ) -> bytearray:
-    """An index laid out by hand from shared/format.md, independent of the writer."""
+    """An index laid out by hand from docs/format.md, independent of the writer."""
     ids = ids or [bytes([i % 256]) * 32 for i in range(len(ends))]
     out = bytearray(struct.pack("<6Q", 48, CA_FORMAT_INDEX, flags, *sizes))
     out += struct.pack("<2Q", 2**64 - 1, CA_FORMAT_TABLE)

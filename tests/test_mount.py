@@ -307,3 +307,155 @@ def test_mount_casync_index_with_seed(ext4_image: Path, tmp_path: Path) -> None:
         assert sha256_file(blob) == sha256_file(ext4_image)
         stats = json.loads(run_cafuse("stats", tmp_path / "mnt2", "--json").stdout)
         assert set(stats["origins"]) == {f"seed:{ext4_image}"}
+    # -o seed_dir=: every NAME.caibx there with its file NAME beside it
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    shutil.copy(index, seeds / "old.img.caibx")
+    os.symlink(ext4_image, seeds / "old.img")
+    with mounted(index, tmp_path / "mnt3", "-o", f"store={empty},seed_dir={seeds}") as blob:
+        assert sha256_file(blob) == sha256_file(ext4_image)
+        stats = json.loads(run_cafuse("stats", tmp_path / "mnt3", "--json").stdout)
+        assert set(stats["origins"]) == {f"seed:{seeds / 'old.img'}"}
+
+
+def _daemon_pids(mountpoint: Path) -> list[int]:
+    """Processes whose command line names ``mountpoint`` (the mount daemon)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and os.fsencode(mountpoint.name) in b" ".join(argv):
+            found.append(int(entry))
+    return found
+
+
+def test_daemon_runs_in_root_with_absolute_paths(made_image, tmp_path: Path) -> None:
+    """Relative paths (index, store, -o log=) work from where mount ran; the daemon then
+    sits in / and pins no file system."""
+    index, store = made_image
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(index, work / "rootfs.caibx")
+    os.symlink(store, work / "store")
+    mnt = tmp_path / "mnt-cwd"
+    mnt.mkdir()
+    run_cafuse("mount", "rootfs.caibx", "../mnt-cwd", "-o", "store=store,log=daemon.log", cwd=work)
+    try:
+        pids = _daemon_pids(mnt)
+        assert pids, "no daemon found"
+        assert {os.readlink(f"/proc/{pid}/cwd") for pid in pids} == {"/"}
+        with open(mnt / "rootfs", "rb") as f:
+            assert len(f.read(1 << 20)) == 1 << 20
+    finally:
+        run_cafuse("umount", mnt)
+    assert "mounted" in (work / "daemon.log").read_text()
+
+
+def test_unwritable_log_is_one_line(made_image, tmp_path: Path) -> None:
+    index, store = made_image
+    mnt = tmp_path / "mnt-log"
+    mnt.mkdir()
+    for args in (("--log", "/proc/no/such.log"), ("-o", "log=/proc/no/such.log")):
+        for fg in ((), ("-f",)):
+            proc = run_cafuse("mount", index, mnt, "--store", store, *args, *fg, check=False)
+            assert_user_error(proc, "cannot write the log file /proc/no/such.log", "--log")
+    assert not os.path.ismount(mnt)
+
+
+def test_readiness_reports_once_and_forgets_its_fd(tmp_path: Path) -> None:
+    from cafuse.mount.daemon import Readiness
+
+    read_fd, write_fd = os.pipe()
+    ready = Readiness(write_fd)
+    ready.report("ok")
+    assert not ready.pending
+    reused = os.open(tmp_path / "chunk", os.O_RDWR | os.O_CREAT)  # likely the same number
+    try:
+        ready.report("mount failed: late error")  # must not reach the reused fd
+        assert os.pread(reused, 100, 0) == b""
+    finally:
+        os.close(reused)
+    with os.fdopen(read_fd, "rb") as pipe:
+        assert pipe.read() == b"ok\n"
+
+
+def test_libfuse_reason_is_passed_up() -> None:
+    """What libfuse/fusermount3 print on fd 2 becomes the one-line error, with what to do."""
+    from cafuse.mount.daemon import _mount_failure, _stderr_captured
+    from cafuse.mount.options import MountOptions
+
+    with _stderr_captured() as said:
+        os.write(
+            2,
+            b"fusermount3: option allow_other only allowed if 'user_allow_other' "
+            b"is set in /etc/fuse.conf\n",
+        )
+    opts = MountOptions(index="a.caibx", mountpoint="/mnt/x")
+    text = _mount_failure(opts, RuntimeError("fuse_session_mount failed"), said())
+    assert "user_allow_other" in text and "without --allow-other" in text
+    assert "\n" not in text
+    with _stderr_captured() as said:
+        os.write(2, b"fuse: failed to open /dev/fuse: Permission denied\n")
+    text = _mount_failure(opts, RuntimeError("fuse_session_mount failed"), said())
+    assert "failed to open /dev/fuse: Permission denied" in text and "group" in text
+
+
+_AS_NOBODY = """
+import os, sys
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# everything the mount needs, imported while still root (the interpreter may live where
+# nobody cannot read), then the privileges go
+import cafuse.cli, cafuse.mount.daemon, cafuse.mount.fs, cafuse.mount.reader  # noqa
+import cafuse.resolve, cafuse.fetch, cafuse.scheduler, cafuse.extract  # noqa
+import pyfuse3, trio, numpy, zstandard, blake3, logging.handlers  # noqa
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(cafuse.cli.main(sys.argv[1:]))
+"""
+
+
+def test_mount_without_dev_fuse_access_says_why(made_image) -> None:
+    """A user who cannot open /dev/fuse gets libfuse's reason and what to do, in one line,
+    instead of "fuse_session_mount failed"."""
+    import tempfile
+
+    mode = os.stat("/dev/fuse").st_mode
+    if mode & 0o006 == 0o006:
+        pytest.skip("/dev/fuse is open to every user here: no user lacks access")
+    index, store = made_image
+    work = Path(tempfile.mkdtemp(prefix="cafuse-nobody-"))
+    try:
+        work.chmod(0o755)
+        shutil.copy(index, work / "a.caibx")
+        shutil.copytree(store, work / "store")
+        (work / "mnt").mkdir(mode=0o777)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        for extra in ((), ("--allow-other",)):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _AS_NOBODY,
+                    "mount",
+                    "a.caibx",
+                    "mnt",
+                    "-s",
+                    "store",
+                    *extra,
+                ],
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            err = assert_user_error(proc, "cannot mount at", "/dev/fuse")
+            assert "fuse_session_mount failed" not in err
+            assert "group that owns /dev/fuse" in err or "mount as root" in err
+            assert not os.path.ismount(work / "mnt")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -165,7 +165,7 @@ def test_failover_group_and_store_order(
     assert sha256_file(out) == sha256_file(ext4_image)
 
 
-def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
+def test_unreachable_store_fails_extract_and_mount(www: Path, tmp_path: Path) -> None:
     index = www / "image.caibx"
     out = tmp_path / "o.img"
     assert_user_error(
@@ -201,6 +201,11 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         "cannot reach any store",
     )
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_bad_store_urls_are_refused(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"
+    out = tmp_path / "o.img"
     assert_user_error(
         run_cafuse("extract", index, out, "--store", "http://", check=False), "no host"
     )
@@ -208,6 +213,12 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         run_cafuse("extract", index, out, "--store", "ftp://x/y", check=False),
         "unsupported store URL scheme",
     )
+    assert not out.exists()
+
+
+def test_credentials_in_a_store_url_never_leak(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"
+    out = tmp_path / "o.img"
     err = assert_user_error(
         run_cafuse(
             "extract",
@@ -223,6 +234,10 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         )
     )
     assert "hunter2" not in err and "***@" in err
+
+
+def test_make_into_an_http_store_is_refused(www: Path, tmp_path: Path) -> None:
+    index = www / "image.caibx"  # any regular file will do as the input
     assert_user_error(
         run_cafuse(
             "make", tmp_path / "x.caibx", index, "--store", "http://127.0.0.1:1/store", check=False
@@ -230,7 +245,9 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
         "read-only",
     )
 
-    # verify tells a store that does not answer from corrupt chunks
+
+def test_verify_tells_an_unreachable_store_from_corrupt_chunks(www: Path) -> None:
+    index = www / "image.caibx"
     proc = run_cafuse(
         "verify", index, "--store", dead_url(), "--retries", "0", "--timeout", "3", check=False
     )
@@ -238,12 +255,12 @@ def test_unreachable_store_and_bad_urls(www: Path, tmp_path: Path) -> None:
     assert " 0 corrupt" in proc.stdout and "unreadable" in proc.stdout
 
 
-def test_cache_bound_sharing_and_offline(
+def test_cache_stays_within_its_bound(
     www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
 ) -> None:
+    """A cache smaller than the image's chunks: eviction keeps it within its bound."""
     index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     stored = sum(p.stat().st_size for p in (www / "default.castr").rglob("*.cacnk"))
-    # a cache smaller than the image's chunks: eviction keeps it within its bound
     small = tmp_path / "small-cache"
     bound = stored // 3
     out = tmp_path / "out.img"
@@ -255,7 +272,12 @@ def test_cache_bound_sharing_and_offline(
     assert 0 < used <= bound
     assert_cache_holds(small, index, complete=False)
 
-    # two processes filling one cache at once, both right, every cached chunk valid
+
+def test_two_processes_fill_one_cache(
+    www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Two processes filling one cache at once, both right, every cached chunk valid."""
+    index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     shared = tmp_path / "shared-cache"
     procs = [
         subprocess.Popen(
@@ -282,14 +304,20 @@ def test_cache_bound_sharing_and_offline(
         assert sha256_file(tmp_path / f"p{i}.img") == sha256_file(ext4_image)
     assert_cache_holds(shared, index)
 
-    # fill a cache with `cafuse cache`, resumable, then work with the server gone
+
+def test_filled_cache_serves_offline(
+    www: Path, nginx: Nginx, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Fill a cache with `cafuse cache`, resumable, then work with the server gone: the
+    extract says its bytes came from the cache."""
+    index, store = www / "image.caibx", f"{nginx.url}/default.castr"
     offline = tmp_path / "offline-cache"
     first = run_cafuse("cache", index, "--store", store, "--cache", offline)
     again = run_cafuse("cache", index, "--store", store, "--cache", offline)
     assert " 0 already cached" in first.stdout and "0 fetched" in again.stdout
     gone = dead_url()
     out2 = tmp_path / "offline.img"
-    run_cafuse(
+    proc = run_cafuse(
         "extract",
         index,
         out2,
@@ -303,6 +331,7 @@ def test_cache_bound_sharing_and_offline(
         "3",
     )
     assert sha256_file(out2) == sha256_file(ext4_image)
+    assert "from stores 0 B" in proc.stdout and "from the cache 0 B" not in proc.stdout
     with mounted(
         index,
         tmp_path / "mnt",
@@ -317,7 +346,10 @@ def test_cache_bound_sharing_and_offline(
     ) as blob:
         assert sha256_file(blob) == sha256_file(ext4_image)
 
-    # an index given by URL: the cache keeps a copy that stands in for it offline
+
+def test_cached_index_url_stands_in_offline(nginx: Nginx, ext4_image: Path, tmp_path: Path) -> None:
+    """An index given by URL: the cache keeps a copy that stands in for it offline."""
+    out2 = tmp_path / "offline.img"
     url_cache = tmp_path / "url-cache"
     run_cafuse("cache", f"{nginx.url}/image.caibx", "--cache", url_cache)
     nginx.stop()
@@ -492,14 +524,22 @@ def _s3_env(seaweed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, seaweed.env()[key])
 
 
-def _make_in_process(index: Path, data: bytes, store, threads: int = 2):
+def _make_in_process(index: Path, data: bytes, store, threads: int = 2, compression="zstd"):
     from cafuse.chunker import ChunkSizes
     from cafuse.make import make
 
     image = index.with_suffix(".img")
     image.write_bytes(data)
     sizes = ChunkSizes.parse("16K")
-    return make(str(index), str(image), store, sizes=sizes, threads=threads, progress=False)
+    return make(
+        str(index),
+        str(image),
+        store,
+        sizes=sizes,
+        threads=threads,
+        progress=False,
+        compression=compression,
+    )
 
 
 def _ages(store) -> dict[bytes, float]:
@@ -627,6 +667,45 @@ def test_s3_second_make_uploads_nothing(
     assert _ages(store) == before  # every chunk's last-modified unchanged
     assert _lock_names(store) == []
     assert (tmp_path / "b.caibx").read_bytes() == (tmp_path / "a.caibx").read_bytes()
+
+
+def test_s3_uncompressed_chunks_are_bare_objects(
+    seaweed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compression none uploads bare <id> objects with one HEAD and one conditional PUT
+    per new chunk; readers find them; a chunk kept both ways counts once in gc and twice in
+    a store-wide verify; a conditional PUT never overwrites."""
+    from cafuse.codec import compress
+    from cafuse.stores import open_store
+
+    _s3_env(seaweed, monkeypatch)
+    url = "s3://cafuse-gc/bare/store"
+    store = open_store(url, writable=True)
+    calls = _calls(store)
+    data = random_bytes(300_000, seed=34)
+    index = tmp_path / "a.caibx"
+    made = _make_in_process(index, data, store, compression="none")
+    parsed = read_index(index)
+    distinct = len(parsed.distinct_positions())
+    assert made.new_chunks == distinct
+    assert calls.count("head") == distinct and calls.count("put") == distinct
+    copies = list(store.iter_copies())
+    assert len(copies) == distinct and all(bare for _, bare in copies)
+    env = seaweed.env()
+    out = tmp_path / "out.img"
+    run_cafuse("extract", index, out, "--store", url, env=env)
+    assert out.read_bytes() == data
+    # the same chunks compressed beside them: both copies there, gc counts each chunk once
+    chunk_id = parsed.chunk_id(0)
+    start, end = parsed.span(0)
+    assert store.put(chunk_id, compress(data[start:end]))
+    assert not store.put(chunk_id, compress(data[start:end]))  # there: not overwritten
+    assert len(dict(store.iter_ages())) == distinct
+    assert len(list(store.iter_copies())) == distinct + 1
+    gc = run_cafuse("gc", url, index, "--grace", "0", "-n", env=env).stdout
+    assert f"kept {distinct} chunks, would delete 0" in gc
+    wide = run_cafuse("verify", "--store", url, env=env).stdout
+    assert f"{distinct + 1} chunk files checked, 0 corrupt" in wide
 
 
 def _fake_lock(store, kind: str, host: str = "elsewhere", pid: int = 4242) -> str:
@@ -898,8 +977,8 @@ def test_s3_gc_beside_make_never_deletes_what_the_new_index_needs(
     reused = threading.Event()
     touch = make_store.touch
 
-    def touch_and_tell(chunk_id: bytes) -> bool:
-        there = touch(chunk_id)
+    def touch_and_tell(chunk_id: bytes, bare: bool = False) -> bool:
+        there = touch(chunk_id, bare=bare)
         if there:
             reused.set()  # make holds its lock and reuses stale chunks: let gc loose
         return there

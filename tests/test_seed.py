@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,8 @@ def test_in_place_keeps_what_the_output_holds(versions: dict[str, Path]) -> None
 
 
 def test_seed_errors(versions: dict[str, Path], tmp_path: Path) -> None:
+    """A malformed --seed is a typo: refused. A seed that cannot be used (file missing,
+    another digest) is skipped with one warning line and the job goes on."""
     out = tmp_path / "o.img"
     assert_user_error(
         run_cafuse(
@@ -106,32 +109,62 @@ def test_seed_errors(versions: dict[str, Path], tmp_path: Path) -> None:
         ),
         "bad --seed",
     )
-    assert_user_error(
-        run_cafuse(
-            "extract",
-            versions["v2.caibx"],
-            out,
-            "--store",
-            versions["store"],
-            "--seed",
-            f"{versions['v1.caibx']}:{tmp_path / 'nope.img'}",
-            check=False,
-        ),
-        "seed file",
-    )
+    assert not out.exists()
     other = tmp_path / "sha.caibx"
     run_cafuse("make", other, versions["v1"], "--store", tmp_path / "s2", "--digest", "sha256")
+    for spec, why in (
+        (f"{versions['v1.caibx']}:{tmp_path / 'nope.img'}", "seed file"),
+        (f"{other}:{versions['v1']}", "same --digest"),
+    ):
+        proc = run_cafuse(
+            "extract", versions["v2.caibx"], out, "--store", versions["store"], "--seed", spec
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "skipped" in lines[0] and why in lines[0], proc.stderr
+        assert out.read_bytes() == versions["v2"].read_bytes()
+        out.unlink()
+
+
+def test_bad_seed_beside_a_good_one(versions: dict[str, Path], tmp_path: Path) -> None:
+    """desync's case: a seed whose file is shorter than its index is skipped with a
+    warning; the good seed beside it supplies its chunks and the job succeeds."""
+    short = tmp_path / "short.img"
+    short.write_bytes(versions["v1"].read_bytes()[: 1 << 20])
+    out = tmp_path / "o.img"
+    proc = run_cafuse(
+        "extract",
+        versions["v2.caibx"],
+        out,
+        "--store",
+        versions["store"],
+        "--seed",
+        f"{versions['v1.caibx']}:{short}",
+        "--seed",
+        f"{versions['v1.caibx']}:{versions['v1']}",
+    )
+    assert out.read_bytes() == versions["v2"].read_bytes()
+    assert "skipped" in proc.stderr and str(short) in proc.stderr
+    assert "from seeds 0 B" not in proc.stdout
+
+
+def test_seed_dir(versions: dict[str, Path], tmp_path: Path) -> None:
+    """--seed-dir DIR: every NAME.caibx there is a seed, its file NAME beside it; one
+    without its file is skipped."""
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    shutil.copy(versions["v1.caibx"], seeds / "old.img.caibx")
+    shutil.copy(versions["v1"], seeds / "old.img")
+    shutil.copy(versions["v1.caibx"], seeds / "lost.img.caibx")  # no lost.img
+    out = tmp_path / "o.img"
+    proc = run_cafuse(
+        "extract", versions["v2.caibx"], out, "--seed-dir", seeds, "--store", versions["store"]
+    )
+    assert out.read_bytes() == versions["v2"].read_bytes()
+    assert "from seeds 0 B" not in proc.stdout and "lost.img" in proc.stderr
     assert_user_error(
         run_cafuse(
-            "extract",
-            versions["v2.caibx"],
-            out,
-            "--store",
-            versions["store"],
-            "--seed",
-            f"{other}:{versions['v1']}",
-            check=False,
+            "extract", versions["v2.caibx"], out, "--seed-dir", tmp_path / "no", check=False
         ),
-        "same --digest",
+        "--seed-dir",
+        "cannot list",
     )
-    assert not out.exists()

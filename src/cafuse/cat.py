@@ -6,13 +6,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
+from .chunktable import ChunkTable
 from .errors import CafuseError
 from .fetch import ChunkSource
-from .index import Index
 
 
 def cat(
-    index: Index,
+    index: ChunkTable,
     source: ChunkSource,
     out: BinaryIO,
     offset: int = 0,
@@ -24,12 +24,11 @@ def cat(
         raise CafuseError("--offset and --length must not be negative")
     end = index.blob_size if length is None else min(index.blob_size, offset + length)
     chunks = index.covering(offset, end - offset)
-    zero = index.zero_mask
     written = 0
 
     def load(i: int) -> bytes:
         start, stop = index.span(i)
-        if zero[i]:
+        if index.is_zero(i):
             return bytes(stop - start)
         return source.get(index.chunk_id(i), stop - start)[0]
 

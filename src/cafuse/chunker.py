@@ -1,4 +1,4 @@
-"""Content-defined chunking with FastCDC over a memory map of a file or block device."""
+"""Content-defined chunking with FastCDC over large blocks read from a file or block device."""
 
 from __future__ import annotations
 
@@ -35,20 +35,26 @@ class ChunkSizes:
             sizes = cls(*parts)
         else:
             raise CafuseError(f"bad --chunk-size {spec!r}: expected [MIN:]AVG[:MAX]")
-        sizes.check()
+        sizes.check(spec)
         return sizes
 
-    def check(self) -> None:
+    def check(self, spec: str | None = None) -> None:
+        """Refuse sizes casync cannot use; the error names ``spec``, what the user typed."""
+        typed = f" {spec!r}" if spec is not None else ""
         for name, value, (lo, hi) in (
             ("MIN", self.min, MIN_RANGE),
             ("AVG", self.avg, AVG_RANGE),
             ("MAX", self.max, MAX_RANGE),
         ):
             if not lo <= value <= hi:
-                raise CafuseError(f"bad --chunk-size: {name} {value} outside {lo}..{hi}")
+                raise CafuseError(
+                    f"bad --chunk-size{typed}: {name} {value} outside {lo}..{hi}"
+                    + (" (a lone AVG sets MIN = AVG/4 and MAX = AVG*4)" if spec else "")
+                )
         if not self.min <= self.avg <= self.max:
             raise CafuseError(
-                f"bad --chunk-size: need MIN <= AVG <= MAX, got {self.min}:{self.avg}:{self.max}"
+                f"bad --chunk-size{typed}: need MIN <= AVG <= MAX, "
+                f"got {self.min}:{self.avg}:{self.max}"
             )
 
 

@@ -7,69 +7,28 @@ that ``cafuse --help`` and the mount helper start fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, defaults
+from .args import (
+    Parser,
+    add_concurrency_option,
+    add_remote_options,
+    add_source_options,
+    positive_int,
+    print_json,
+    seed_specs,
+    size,
+)
 from .errors import CafuseError
-from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 log = logging.getLogger("cafuse")
 
 Handler = Callable[[argparse.Namespace], int]
-REMOTE_CONCURRENCY = 16
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem and where to look."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        command = self.prog.partition(" ")[2]
-        where = f"{command}: " if command else ""
-        self.exit(2, f"cafuse: error: {where}{message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _size(text: str) -> int:
-    """A byte count with an optional K/M/G/T suffix, as every size option takes."""
-    from .sizes import parse_size
-
-    try:
-        return parse_size(text)
-    except CafuseError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+REMOTE_CONCURRENCY = defaults.REMOTE_CONCURRENCY
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -79,19 +38,20 @@ def remote_options(args: argparse.Namespace):
     from .resolve import RemoteOptions
 
     return RemoteOptions(
-        timeout=args.timeout,
-        retries=args.retries,
+        timeout=defaults.TIMEOUT if args.timeout is None else args.timeout,
+        retries=defaults.RETRIES if args.retries is None else args.retries,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
         cache=getattr(args, "cache", None),
-        cache_size=getattr(args, "cache_size", None) or "10G",
+        cache_size=getattr(args, "cache_size", None) or defaults.CACHE_SIZE,
     )
 
 
-def _concurrency(args: argparse.Namespace, source) -> int:
+def _concurrency(args: argparse.Namespace, stores) -> int:
+    """--concurrency, or its default: more for the network's latency than for local disks."""
     if args.concurrency:
         return args.concurrency
-    if any(not store.is_local for store in source.stores):
+    if any(not store.is_local for store in stores):
         return REMOTE_CONCURRENCY
     return max(4, 2 * (os.cpu_count() or 2))
 
@@ -101,7 +61,7 @@ def _index_and_source(args: argparse.Namespace):
 
     remote = remote_options(args)
     index = load_index(args.index, remote)
-    source = build_source(index, args.index, args.store, getattr(args, "seed", None), remote)
+    source = build_source(index, args.index, args.store, seed_specs(args), remote)
     probe_stores(source, index, offline_ok=source.cache is not None)
     return index, source
 
@@ -113,21 +73,18 @@ def _print_store_lines(source) -> None:
         print(line)
 
 
-def print_json(data: object) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-
-
 # ---------------------------------------------------------------- commands
 
 
 def cmd_make(args: argparse.Namespace) -> int:
-    from .chunker import DEFAULT_SIZES, ChunkSizes
+    from .chunker import DEFAULT_SIZES, ChunkSizes, open_input
     from .make import make
 
     sizes = ChunkSizes.parse(args.chunk_size) if args.chunk_size else DEFAULT_SIZES
     if not 1 <= args.level <= 22:
         raise CafuseError(f"bad --level {args.level}: zstd levels are 1..22")
+    with open_input(args.file):  # a bad input is refused before the store is created
+        pass
     store = remote_options(args).open(args.store, writable=True)
     threads = args.threads or (os.cpu_count() or 2 if store.is_local else REMOTE_CONCURRENCY)
     result = make(
@@ -150,7 +107,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     index, source = _index_and_source(args)
     result = extract(
-        index, args.output, source, in_place=args.in_place, threads=_concurrency(args, source)
+        index,
+        args.output,
+        source,
+        in_place=args.in_place,
+        threads=_concurrency(args, source.stores),
     )
     print(result.summary(args.output))
     _print_store_lines(source)
@@ -168,7 +129,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
             sys.stdout.buffer,
             args.offset,
             args.length,
-            threads=_concurrency(args, source),
+            threads=_concurrency(args, source.stores),
         )
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -181,7 +142,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not args.cache:
         raise CafuseError("cafuse cache needs --cache DIR: the directory to fill")
     index, source = _index_and_source(args)
-    report = fill_cache(index, source, threads=_concurrency(args, source))
+    report = fill_cache(index, source, threads=_concurrency(args, source.stores))
     print(report.summary(args.cache))
     _print_store_lines(source)
     return 0
@@ -200,50 +161,87 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    for key, value in info.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for sub, subvalue in value.items():
-                print(f"  {sub}: {subvalue}")
-        else:
-            print(f"{key}: {value}")
+    for line in _text_lines(info):
+        print(line)
     return 0
 
 
+def _text_lines(data: dict[str, object], indent: str = "") -> list[str]:
+    """``key: value`` lines, nested dicts indented under their key (never a Python repr)."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines += _text_lines(value, indent + "  ")
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return lines
+
+
+LISTED = 10  # verify names at most this many chunks of each kind (-v: all)
+
+
+def _listing(kind: str, names: list[str], verbose: bool) -> list[str]:
+    """``  missing <id>`` lines, at most ``LISTED`` unless verbose, then how many more."""
+    shown = names if verbose else names[:LISTED]
+    lines = [f"  {kind} {name}" for name in shown]
+    if len(names) > len(shown):
+        lines.append(f"  ... and {len(names) - len(shown)} more {kind} (all of them with -v)")
+    return lines
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .maintenance import verify_store
+    from .maintenance import verify_all_copies, verify_store
     from .resolve import load_index
 
     remote = remote_options(args)
-    index = load_index(args.index, remote)
     store = remote.open(args.store)
-    report = verify_store(
-        index, store, repair=args.repair, threads=args.concurrency or REMOTE_CONCURRENCY
-    )
-    bad = len(report.missing) + len(report.corrupt)
+    threads = _concurrency(args, [store])
+    if args.index is None:
+        report = verify_all_copies(store, repair=args.repair, threads=threads)
+        what = "chunk files"
+    else:
+        index = load_index(args.index, remote)
+        report = verify_store(index, store, repair=args.repair, threads=threads)
+        what = "chunks"
     print(
-        f"{store.url}: {report.checked} chunks checked, {len(report.missing)} missing, "
-        f"{len(report.corrupt)} corrupt"
+        f"{store.url}: {report.checked} {what} checked, "
+        + (f"{len(report.missing)} missing, " if args.index is not None else "")
+        + f"{len(report.corrupt)} corrupt"
         + (f", {len(report.unreadable)} unreadable" if report.unreadable else "")
         + (f", {report.repaired} deleted" if args.repair else "")
     )
+    for line in _listing("missing", [c.hex() for c in report.missing], args.verbose > 0):
+        print(line)
+    for line in _listing("corrupt", report.corrupt_copies, args.verbose > 0):
+        print(line)
     if report.unreadable:
         raise CafuseError(
             f"store {store.url} did not answer for {len(report.unreadable)} chunks "
             f"(first {report.unreadable[0].hex()}: {report.first_error}): "
             "check the store, then verify again"
         )
-    if bad:
-        first = (report.corrupt + report.missing)[0].hex()
+    if not (report.missing or report.corrupt):
+        return 0
+    counts = ", ".join(
+        f"{n} {kind}"
+        for n, kind in ((len(report.missing), "missing"), (len(report.corrupt), "corrupt"))
+        if n
+    )
+    if report.corrupt and not args.repair:
         hint = (
-            "re-run make or copy the chunks back"
-            if args.repair
-            else "run with --repair to delete corrupt chunks, then re-run make"
+            "run verify with --repair to delete the corrupt copies"
+            if store.writable
+            else "fix them on the server (a read-only store cannot be repaired from here)"
         )
-        raise CafuseError(
-            f"store {store.url} is incomplete for {args.index} (first bad chunk {first}): {hint}"
-        )
-    return 0
+        if args.index is not None and store.writable:
+            hint += ", then re-run make of this image to put them back"
+    elif args.index is None:  # repaired: which indexes lack them now, only make can say
+        hint = "re-run make of the images that use them to put them back"
+    else:
+        hint = "re-run make of this image, or copy the chunks back, to fill the store"
+    target = f"for {args.index}" if args.index is not None else "(store-wide check)"
+    raise CafuseError(f"store {store.url} is incomplete {target} ({counts}): {hint}")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -283,72 +281,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def add_remote_options(p: argparse.ArgumentParser, cache: bool = True) -> None:
-    g = p.add_argument_group("remote stores")
-    g.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="deadline for one chunk, every store and retry included; one request gets at "
-        f"most a third of it (default: {DEFAULT_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--retries",
-        type=_nonnegative_int,
-        default=DEFAULT_RETRIES,
-        help="most retry rounds for one chunk after network errors, timeouts, 5xx, 429 or "
-        f"corrupt transfers, within --timeout (default: {DEFAULT_RETRIES})",
-    )
-    g.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)",
-    )
-    g.add_argument("--s3-region", metavar="REGION", help="S3 region (default: $AWS_REGION)")
-    if cache:
-        g.add_argument(
-            "--cache",
-            metavar="DIR",
-            help="local chunk cache in front of the stores, shared by processes",
-        )
-        g.add_argument(
-            "--cache-size",
-            metavar="SIZE",
-            default="10G",
-            help="bound of the cache; least recently used chunks go first (default: 10G)",
-        )
-
-
-def _add_source_options(p: argparse.ArgumentParser, seeds: bool = True) -> None:
-    p.add_argument(
-        "--store",
-        "-s",
-        action="append",
-        metavar="STORE",
-        help="chunk store (path or URL; A|B is a failover group); repeat to try "
-        "several in order (default: default.castr next to the index)",
-    )
-    if seeds:
-        p.add_argument(
-            "--seed",
-            action="append",
-            metavar="SEED_INDEX:SEED_FILE",
-            help="local image whose chunks are used before any store; repeatable",
-        )
-    p.add_argument(
-        "--concurrency",
-        "--threads",
-        dest="concurrency",
-        type=_positive_int,
-        help=f"chunks in flight (default: {REMOTE_CONCURRENCY} with remote stores, "
-        "2 per core otherwise)",
-    )
-    add_remote_options(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="cafuse",
         description="casync-compatible chunk stores and indexes, mounted lazily through FUSE.",
     )
@@ -356,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser("make", help="chunk an image into a store and write its index")
@@ -377,13 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-size",
         metavar="[MIN:]AVG[:MAX]",
-        help="chunk sizes, e.g. 64K or 16K:64K:256K (default 16K:64K:256K)",
+        help=f"chunk sizes, e.g. 64K or 16K:64K:256K (default: {defaults.CHUNK_SIZES})",
     )
-    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    p.add_argument("--level", type=int, default=3, help="zstd level (default: %(default)s)")
+    p.add_argument(
+        "--compression",
+        choices=("zstd", "none"),
+        default="zstd",
+        help="zstd: <id>.cacnk files; none: bare <id> files, as casync and desync keep "
+        "uncompressed chunks (default: %(default)s)",
+    )
+    p.add_argument(
+        "--level", type=int, default=defaults.ZSTD_LEVEL, help="zstd level (default: %(default)s)"
+    )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="hashing/compression/upload threads (default: one per core, 16 for a remote store)",
     )
     p.add_argument(
@@ -397,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="rebuild an image from its index")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
     p.add_argument("output", metavar="OUTPUT", help="file or block device to write")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument(
         "--in-place",
         action="store_true",
@@ -409,32 +351,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cat", help="write (part of) an image to stdout")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument(
-        "--offset", type=_size, default=0, metavar="SIZE", help="first byte (e.g. 1M; default 0)"
+        "--offset", type=size, default=0, metavar="SIZE", help="first byte (e.g. 1M; default 0)"
     )
     p.add_argument(
-        "--length", type=_size, default=None, metavar="SIZE", help="bytes (default: to the end)"
+        "--length", type=size, default=None, metavar="SIZE", help="bytes (default: to the end)"
     )
     p.set_defaults(handler=cmd_cat)
 
     p = sub.add_parser("cache", help="fetch every chunk an index needs into --cache DIR")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    _add_source_options(p, seeds=False)
+    add_source_options(p, seeds=False)
     p.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("info", help="describe an index (and what a store holds of it)")
     p.add_argument("index", metavar="INDEX", help="index file or URL")
-    p.add_argument("--store", "-s", action="append", metavar="STORE")
+    p.add_argument("--store", "-s", action="append", metavar="STORE", help="count what STORE holds")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_info)
 
-    p = sub.add_parser("verify", help="check every chunk of an index in a store")
-    p.add_argument("index", metavar="INDEX", help="index file or URL")
-    p.add_argument("--store", "-s", required=True)
-    p.add_argument("--repair", action="store_true", help="delete corrupt chunks")
-    p.add_argument("--concurrency", "--threads", dest="concurrency", type=_positive_int)
+    p = sub.add_parser(
+        "verify",
+        help="check every chunk of an index in a store (or, with no index, every chunk file)",
+    )
+    p.add_argument(
+        "index",
+        metavar="INDEX",
+        nargs="?",
+        help="index file or URL; without one, every chunk file of the store is checked "
+        "(bare and .cacnk, each copy on its own), as desync verify does",
+    )
+    p.add_argument("--store", "-s", required=True, metavar="STORE", help="store to check")
+    p.add_argument("--repair", action="store_true", help="delete corrupt copies")
+    add_concurrency_option(p, "chunks checked at once")
     add_remote_options(p, cache=False)
     p.set_defaults(handler=cmd_verify)
 
@@ -463,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--grace",
-        default="1h",
+        default=defaults.GC_GRACE,
         metavar="DURATION",
         help="spare unreferenced chunks written or reused less than this long ago: longer "
         "than any make takes, and than any casync or desync upload to the store, which "
@@ -482,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .mount.cli import add_mount_commands  # light: no pyfuse3 import at this point
 
-    add_mount_commands(sub, add_remote_options)
+    add_mount_commands(sub)
+
+    from .profile import add_profile_command
+
+    add_profile_command(sub)
     return parser
 
 

@@ -1,4 +1,11 @@
-"""Chunk compression: zstd on write; zstd, xz, gzip or none on read, recognised by magic bytes."""
+"""Chunk compression: zstd or none on write; zstd, xz or gzip on read, recognised by magic.
+
+Where a chunk is stored says how to read it, as in casync and desync: ``<id>.cacnk`` is
+compressed (the format is told by its magic bytes), a bare ``<id>`` file is the chunk's data
+as is. Stores hand bare files over as ``Uncompressed``, which is never decoded, so a raw
+chunk that happens to begin with gzip, xz or zstd magic (any chunk of a ``.gz`` image)
+stays what it is.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import zlib
 import zstandard
 
 from .errors import CafuseError
+from .stores.base import Uncompressed
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XZ_MAGIC = b"\xfd\x37\x7a\x58\x5a\x00"
@@ -37,20 +45,26 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
 
 
 def compress(data: bytes | memoryview, compression: str = "zstd", level: int = 3) -> bytes:
-    """Compress chunk data for storage."""
+    """Chunk data as stored: zstd bytes (a ``.cacnk`` file), or ``Uncompressed`` (bare)."""
     if compression == "zstd":
         return _zstd_compressor(level).compress(data)
     if compression == "none":
-        return bytes(data)
+        return Uncompressed(data)
     raise CafuseError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
 
 
 def decompress(blob: bytes, max_size: int) -> bytes:
-    """Decompress a stored chunk by its magic bytes; anything else is taken as uncompressed.
+    """The data of a stored chunk: ``Uncompressed`` as is, anything else decoded by its
+    magic bytes. A ``.cacnk`` without known magic is taken as raw data, as cafuse before
+    bare files wrote ``--compression none`` chunks (the caller checks the digest).
 
     ``max_size`` bounds the output so a hostile chunk cannot exhaust memory.
     Raises ``ValueError`` on corrupt data (the caller reports it with the chunk id).
     """
+    if isinstance(blob, Uncompressed):
+        if len(blob) > max_size:
+            raise ValueError(f"uncompressed chunk of {len(blob)} bytes, chunk is {max_size}")
+        return blob
     if blob.startswith(ZSTD_MAGIC):
         try:
             # a corrupt header can claim any size: check it before anything is allocated

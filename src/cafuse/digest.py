@@ -10,7 +10,7 @@ import blake3
 
 from .errors import CafuseError
 
-# Index feature flags that select the digest (see shared/format.md).
+# Index feature flags that select the digest (see docs/format.md).
 FLAG_SHA512_256 = 0x2000000000000000
 FLAG_BLAKE3 = 0x0800000000000000
 FLAG_EXCLUDE_NODUMP = 0x8000000000000000

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .atomic import write_error
+from .chunktable import Batch, ChunkTable, whole_table_step
 from .fetch import ChunkSource
-from .index import Index
 from .output import Output
 from .progress import Progress
-from .sizes import format_size
+from .sizes import fetched_text, format_size
 
 log = logging.getLogger(__name__)
 
+BAD_COPY_KINDS = ("corrupt", "seed mismatch", "cache repaired")
 GROUPS_PER_TASK = 64  # local sources: few, large tasks (a task costs a future and a hop)
 GROUPS_PER_REMOTE_TASK = 2  # remote: a slow or retried chunk must not hold up 63 others
 
@@ -36,6 +37,7 @@ class ExtractResult:
     from_seeds: int = 0
     from_output: int = 0
     from_stores: int = 0
+    from_cache: int = 0
     zero: int = 0
     fetched_stored_bytes: int = 0
     bad_copies: int = 0  # corrupt chunks or stale seed bytes skipped for a good copy
@@ -43,20 +45,24 @@ class ExtractResult:
     by_origin: dict[str, int] = field(default_factory=dict)
 
     def summary(self, path: str) -> str:
-        total = self.from_seeds + self.from_output + self.from_stores + self.zero
+        fetched = self.from_stores + self.from_cache
+        total = self.from_seeds + self.from_output + fetched + self.zero
         rate = total / self.seconds / 1e6 if self.seconds else 0.0
         return (
             f"{path}: {format_size(total)} written; from seeds "
             f"{format_size(self.from_seeds)}, already in output "
-            f"{format_size(self.from_output)}, from stores {format_size(self.from_stores)} "
-            f"({format_size(self.fetched_stored_bytes)} fetched), zero "
+            f"{format_size(self.from_output)}, "
+            + (f"from the cache {format_size(self.from_cache)}, " if self.from_cache else "")
+            + f"from stores {format_size(self.from_stores)} (fetched: "
+            f"{fetched_text(fetched, self.fetched_stored_bytes)}), zero "
             f"{format_size(self.zero)}; {rate:.0f} MB/s"
             + (f"; {self.bad_copies} bad copies skipped (see -v)" if self.bad_copies else "")
         )
 
 
-def group_chunks(index: Index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the selected chunks grouped by id key, groups in blob order.
+def group_chunks(batch: Batch, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in the batch) of the selected chunks grouped by id key, groups in blob
+    order.
 
     Returns ``(positions, bounds)``: group g is ``positions[bounds[g]:bounds[g+1]]``.
     Chunks sharing a key but not the full id are told apart by the worker.
@@ -64,7 +70,7 @@ def group_chunks(index: Index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     selected = np.flatnonzero(mask)
     if not len(selected):
         return selected, np.zeros(1, dtype=np.int64)
-    keys = index.id_keys()[selected]
+    keys = batch.id_keys()[selected]
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     is_start = np.empty(len(keys), dtype=bool)
@@ -81,22 +87,19 @@ def group_chunks(index: Index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 class _Extractor:
-    def __init__(self, index: Index, output: Output, source: ChunkSource) -> None:
-        self.index = index
+    def __init__(self, output: Output, source: ChunkSource) -> None:
         self.output = output
         self.source = source
-        self.starts = index.starts
-        self.sizes = index.sizes
 
-    def write_group(self, positions: np.ndarray) -> dict[str, int]:
+    def write_group(self, batch: Batch, positions: np.ndarray) -> dict[str, int]:
         """Fetch one chunk (or a rare key collision's several) and write it everywhere."""
         tally: dict[str, int] = {}
         have: dict[bytes, tuple[bytes, str]] = {}
         pending: list[tuple[int, bytes, int]] = []
         for pos in positions.tolist():
-            chunk_id = self.index.chunk_id(pos)
-            size = int(self.sizes[pos])
-            start = int(self.starts[pos])
+            chunk_id = batch.chunk_id(pos)
+            size = int(batch.sizes[pos])
+            start = int(batch.starts[pos])
             if self.output.reuses_content:
                 existing = self.output.read(size, start)
                 if self.source.verify(chunk_id, existing, size):
@@ -112,11 +115,11 @@ class _Extractor:
             self.output.write(data, start)
         return tally
 
-    def write_zero(self, positions: np.ndarray) -> int:
+    def write_zero(self, batch: Batch, positions: np.ndarray) -> int:
         """Zero chunks on an output that may hold old data: zero only what is not zero."""
         done = 0
         for pos in positions.tolist():
-            size, start = int(self.sizes[pos]), int(self.starts[pos])
+            size, start = int(batch.sizes[pos]), int(batch.starts[pos])
             if self.output.read(size, start).count(0) != size:
                 self.output.zero(start, size)
             done += size
@@ -124,7 +127,7 @@ class _Extractor:
 
 
 def extract(
-    index: Index,
+    index: ChunkTable,
     output_path: str,
     source: ChunkSource,
     *,
@@ -134,29 +137,11 @@ def extract(
 ) -> ExtractResult:
     started = time.monotonic()
     result = ExtractResult()
-    zero = index.zero_mask
-    positions, bounds = group_chunks(index, ~zero)
     output = Output(output_path, index.blob_size, in_place)
-    worker = _Extractor(index, output, source)
+    worker = _Extractor(output, source)
     bar = Progress(index.blob_size, "extract", progress)
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="extract") as pool:
-            result.zero = int(index.sizes[zero].sum())
-            if output.reuses_content:
-                zero_pos = np.flatnonzero(zero)
-                for lo in range(0, len(zero_pos), 4096):
-                    worker.write_zero(zero_pos[lo : lo + 4096])
-            bar.update(result.zero)
-
-            def run(lo: int, hi: int) -> dict[str, int]:
-                total: dict[str, int] = {}
-                for g in range(lo, hi):
-                    for origin, n in worker.write_group(
-                        positions[bounds[g] : bounds[g + 1]]
-                    ).items():
-                        total[origin] = total.get(origin, 0) + n
-                return total
-
             pending: deque[Future[dict[str, int]]] = deque()
 
             def collect(future: Future[dict[str, int]]) -> None:
@@ -164,12 +149,41 @@ def extract(
                     result.by_origin[origin] = result.by_origin.get(origin, 0) + n
                     bar.update(n)
 
-            groups = len(bounds) - 1
-            step = GROUPS_PER_REMOTE_TASK if source.has_remote else GROUPS_PER_TASK
-            for lo in range(0, groups, step):
-                pending.append(pool.submit(run, lo, min(lo + step, groups)))
-                while len(pending) > 4 * threads * (GROUPS_PER_TASK // step):
-                    collect(pending.popleft())
+            # one batch when the table is in memory (each distinct chunk fetched once);
+            # a huge table in bounded batches (a chunk repeated across batches is fetched
+            # again, from the cache when there is one)
+            for batch in index.batches(whole_table_step(index)):
+                zero = batch.zero
+                zero_bytes = int(batch.sizes[zero].sum())
+                result.zero += zero_bytes
+                if output.reuses_content:
+                    zero_pos = np.flatnonzero(zero)
+                    for lo in range(0, len(zero_pos), 4096):
+                        worker.write_zero(batch, zero_pos[lo : lo + 4096])
+                bar.update(zero_bytes)
+                positions, bounds = group_chunks(batch, ~zero)
+
+                def run(
+                    lo: int,
+                    hi: int,
+                    batch: Batch = batch,
+                    positions: np.ndarray = positions,
+                    bounds: np.ndarray = bounds,
+                ) -> dict[str, int]:
+                    total: dict[str, int] = {}
+                    for g in range(lo, hi):
+                        for origin, n in worker.write_group(
+                            batch, positions[bounds[g] : bounds[g + 1]]
+                        ).items():
+                            total[origin] = total.get(origin, 0) + n
+                    return total
+
+                groups = len(bounds) - 1
+                step = GROUPS_PER_REMOTE_TASK if source.has_remote else GROUPS_PER_TASK
+                for lo in range(0, groups, step):
+                    pending.append(pool.submit(run, lo, min(lo + step, groups)))
+                    while len(pending) > 4 * threads * (GROUPS_PER_TASK // step):
+                        collect(pending.popleft())
             while pending:
                 collect(pending.popleft())
     except OSError as exc:  # writing the output failed: a full disk, an I/O error
@@ -189,9 +203,13 @@ def extract(
             result.from_output += n
         elif origin == "seed":
             result.from_seeds += n
+        elif origin.startswith("cache:"):
+            result.from_cache += n
         else:
             result.from_stores += n
     result.fetched_stored_bytes = sum(c.stored_bytes for c in source.stats.origins.values())
-    result.bad_copies = sum(source.stats.errors.values())
+    # copies passed over for a good one; not "unavailable" or a store's I/O error, which are
+    # no copy at all (one corrupt file is one bad copy)
+    result.bad_copies = sum(source.stats.errors.get(k, 0) for k in BAD_COPY_KINDS)
     result.seconds = time.monotonic() - started
     return result

@@ -1,7 +1,7 @@
 """The casync blob index (``.caibx``): strict vectorised parsing, streaming atomic writing,
 and the chunk table that maps byte offsets to chunks.
 
-Layout (shared/format.md): a 48-byte header, a 16-byte table header, one 40-byte item per
+Layout (docs/format.md): a 48-byte header, a 16-byte table header, one 40-byte item per
 chunk (little-endian u64 END offset, then the 32-byte chunk id), and a 40-byte tail.
 """
 
@@ -11,6 +11,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import AtomicFile
+from .chunktable import BATCH_ITEMS, Batch, ChunkTable
 from .digest import (
     FLAG_BLAKE3,
     FLAG_SHA512_256,
-    digest_from_flags,
     zero_chunk_id,
 )
 from .errors import CafuseError
@@ -42,6 +43,9 @@ ITEM_SIZE = 40
 TAIL_SIZE = 40
 FIXED_SIZE = HEADER_SIZE + TABLE_HEADER_SIZE + TAIL_SIZE  # 104
 CHUNK_SIZE_LIMIT = 128 * 1024 * 1024
+# indexes up to this size are parsed into memory whole; larger ones are read a page at a
+# time when first used (``cafuse.pagedtable``), locally or by URL
+IN_MEMORY_MAX_BYTES = 1 << 20
 
 ITEM_DTYPE = np.dtype([("end", "<u8"), ("id", "u1", (32,))])
 _HEADER = struct.Struct("<6Q")
@@ -64,8 +68,8 @@ def check_chunk_sizes(chunk_min: int, chunk_avg: int, chunk_max: int) -> str | N
 
 
 @dataclass
-class Index:
-    """A parsed blob index: header fields plus the chunk table as numpy arrays.
+class Index(ChunkTable):
+    """A parsed blob index held in memory: header fields plus the table as numpy arrays.
 
     ``ends`` holds each chunk's cumulative end offset (strictly increasing), ``ids`` the
     32-byte chunk ids as an (N, 32) uint8 array. Both may be views on a memory map.
@@ -78,10 +82,6 @@ class Index:
     ends: np.ndarray
     ids: np.ndarray
     _keepalive: object = field(default=None, repr=False)
-
-    @property
-    def digest(self) -> str:
-        return digest_from_flags(self.flags)
 
     @property
     def chunk_count(self) -> int:
@@ -111,7 +111,7 @@ class Index:
         end = int(self.ends[i])
         return (int(self.ends[i - 1]) if i else 0), end
 
-    def covering(self, offset: int, size: int) -> range:
+    def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
         """Indices of the chunks that cover ``[offset, offset + size)``, clipped to the blob."""
         end = min(offset + size, self.blob_size)
         if size <= 0 or offset >= end:
@@ -122,6 +122,20 @@ class Index:
             return range(first, first + 1)  # the common case: one chunk, one search
         last = int(self.ends.searchsorted(np.uint64(end - 1), side="right"))
         return range(first, last + 1)
+
+    def is_zero(self, i: int) -> bool:
+        return self._zero_bytes[i] != 0
+
+    @cached_property
+    def _zero_bytes(self) -> bytes:
+        return self.zero_mask.tobytes()  # indexing bytes is a cheap int lookup
+
+    def batches(self, step: int = BATCH_ITEMS) -> Iterator[Batch]:
+        zero = self.zero_mask
+        for lo in range(0, self.chunk_count, max(step, 1)):
+            hi = min(lo + step, self.chunk_count)
+            start = int(self.ends[lo - 1]) if lo else 0
+            yield Batch(lo, start, self.ends[lo:hi], self.ids[lo:hi], zero[lo:hi])
 
     def id_keys(self) -> np.ndarray:
         """The first 8 bytes of every id as uint64: a compact key for sorting and lookups."""
@@ -157,12 +171,24 @@ class Index:
         return mask
 
 
-def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> Index:
-    """Parse and validate a complete ``.caibx`` image, at least as strictly as casync."""
-    size = len(buf)
+@dataclass(frozen=True)
+class Header:
+    """The validated header and tail of an index: everything but the items."""
+
+    flags: int
+    chunk_min: int
+    chunk_avg: int
+    chunk_max: int
+    count: int
+
+
+def parse_header(
+    head: bytes | memoryview | mmap.mmap, tail: bytes, size: int, source: str
+) -> Header:
+    """Check the header (first 64 bytes), the tail (last 40) and the file length."""
     if size < FIXED_SIZE:
         raise _fail(source, f"file is {size} bytes, shorter than the minimum {FIXED_SIZE}")
-    hsize, htype, flags, cmin, cavg, cmax = _HEADER.unpack_from(buf, 0)
+    hsize, htype, flags, cmin, cavg, cmax = _HEADER.unpack_from(head, 0)
     if hsize != HEADER_SIZE or htype != CA_FORMAT_INDEX:
         raise _fail(source, "bad header (wrong size or type; is this a .caidx or another file?)")
     if flags & ~KNOWN_FLAGS_MASK:
@@ -171,14 +197,13 @@ def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> I
         raise _fail(source, "flags select both BLAKE3 and SHA-512/256")
     if rule := check_chunk_sizes(cmin, cavg, cmax):
         raise _fail(source, rule)
-    table_size, table_type = _TABLE_HEADER.unpack_from(buf, HEADER_SIZE)
+    table_size, table_type = _TABLE_HEADER.unpack_from(head, HEADER_SIZE)
     if table_size != TABLE_SIZE_UNKNOWN or table_type != CA_FORMAT_TABLE:
         raise _fail(source, "bad table header")
     items_bytes = size - FIXED_SIZE
     if items_bytes % ITEM_SIZE:
         raise _fail(source, "length is not 104 + 40*N bytes (truncated or trailing bytes)")
     count = items_bytes // ITEM_SIZE
-    tail = _TAIL.unpack_from(buf, size - TAIL_SIZE)
     expected_tail = (
         0,
         0,
@@ -186,8 +211,24 @@ def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> I
         TABLE_HEADER_SIZE + ITEM_SIZE * count + TAIL_SIZE,
         CA_FORMAT_TABLE_TAIL_MARKER,
     )
-    if tail != expected_tail:
+    if _TAIL.unpack_from(tail, len(tail) - TAIL_SIZE) != expected_tail:
         raise _fail(source, "bad table tail (truncated file or trailing bytes)")
+    return Header(flags, cmin, cavg, cmax, count)
+
+
+def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> Index:
+    """Parse and validate a complete ``.caibx`` image, at least as strictly as casync."""
+    size = len(buf)
+    if size < FIXED_SIZE:
+        raise _fail(source, f"file is {size} bytes, shorter than the minimum {FIXED_SIZE}")
+    header = parse_header(buf, bytes(buf[size - TAIL_SIZE :]), size, source)
+    flags, cmin, cavg, cmax, count = (
+        header.flags,
+        header.chunk_min,
+        header.chunk_avg,
+        header.chunk_max,
+        header.count,
+    )
     items = np.frombuffer(
         buf, dtype=ITEM_DTYPE, count=count, offset=HEADER_SIZE + TABLE_HEADER_SIZE
     )
@@ -205,17 +246,26 @@ def parse_index(buf: bytes | memoryview | mmap.mmap, source: str = "index") -> I
     return Index(flags, cmin, cavg, cmax, ends, ids, _keepalive=buf)
 
 
-def read_index(path: str | os.PathLike[str]) -> Index:
-    """Read a local index file (memory-mapped, so large tables are paged in on demand)."""
+def read_index(path: str | os.PathLike[str]) -> ChunkTable:
+    """Open a local index file: a small one is parsed whole into memory, a larger one is
+    read a page at a time when first used (``cafuse.pagedtable``), header and tail now."""
     source = str(path)
     try:
         fd = open_for_reading(source, "index", block_device_ok=False)
         try:
-            if os.fstat(fd).st_size == 0:
+            size = os.fstat(fd).st_size
+            if size == 0:
                 raise _fail(source, "file is empty")
+            if size > IN_MEMORY_MAX_BYTES:
+                from .pagedtable import open_file
+
+                table = open_file(fd, size, source)
+                fd = -1  # the table keeps it
+                return table
             buf: bytes | mmap.mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     except FileNotFoundError:
         raise CafuseError(f"{source}: index file not found") from None
     except IsADirectoryError:

@@ -120,7 +120,12 @@ def _make(
     threads = threads or os.cpu_count() or 2
     # a local store refreshes a reused chunk's mtime (touch), which keeps a concurrent gc
     # off it; an object store's touch only asks, and the store lock keeps gc away
-    reuse = getattr(store, "touch", None) or store.has
+    touch = getattr(store, "touch", None)
+    bare = compression == "none"
+
+    def reuse(chunk_id: bytes) -> bool:
+        return touch(chunk_id, bare=bare) if touch is not None else store.has(chunk_id)
+
     remove_stale_temps = getattr(store, "remove_stale_temps", None)
     if remove_stale_temps is not None:
         remove_stale_temps()

@@ -10,17 +10,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import AtomicFile
+from . import defaults
+from .chunktable import ChunkTable
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
-from .index import Index, parse_index, read_index
-from .seed import Seed
+from .index import Index, read_index, write_index
+from .seed import open_seeds
 from .sizes import parse_size
 from .stores import (
     CacheStore,
     ChunkStore,
     RetryPolicy,
-    StoreError,
     open_store,
     parse_location,
 )
@@ -30,6 +30,7 @@ from .stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_NAME = "default.castr"
+PROBE_SCAN = 4096  # chunks looked at for the first one that is not zeros
 INDEX_DIR = "indexes"
 
 
@@ -42,7 +43,7 @@ class RemoteOptions:
     s3_endpoint: str | None = None
     s3_region: str | None = None
     cache: str | None = None
-    cache_size: str = "10G"
+    cache_size: str = defaults.CACHE_SIZE
 
     @property
     def retry(self) -> RetryPolicy:
@@ -63,33 +64,39 @@ class RemoteOptions:
         return CacheStore(self.cache, parse_size(self.cache_size, "--cache-size"))
 
 
-def load_index(text: str, remote: RemoteOptions | None = None) -> Index:
-    """An index from a local path or an http(s)/s3/gs/az URL."""
+def load_index(text: str, remote: RemoteOptions | None = None) -> ChunkTable:
+    """An index from a local path or an http(s)/s3/gs/az URL.
+
+    A large index is not read whole: its pages are read (locally) or fetched (by URL,
+    ``cafuse.remoteindex``) when first needed.
+    """
     location = parse_location(text, "index")
     if location.is_local:
         return read_index(location.path)
+    from .remoteindex import open_remote_index
+    from .stores.objectstore import ObjectChunkStore
+
     remote = remote or RemoteOptions()
     directory, name = parent_and_name(location)
     store = remote.open(directory)
+    if not isinstance(store, ObjectChunkStore):
+        raise CafuseError(f"bad index location {location.display!r}: one URL, not a group")
     copy = _cached_index_path(remote, location.url)
     try:
-        raw = store.fetch_file(name)  # type: ignore[attr-defined]
-    except StoreError as exc:
+        index = open_remote_index(
+            store, name, location.display, copy.with_suffix(".pages") if copy else None
+        )
+    except CafuseError as exc:
         if copy is not None and copy.exists():
-            log.warning(
-                "cannot fetch index %s (%s): using the copy in the cache", location.display, exc
-            )
+            log.warning("%s: using the copy in the cache", exc)
             return read_index(copy)
-        raise CafuseError(f"cannot fetch index {location.display}: {exc}") from None
-    index = parse_index(raw, location.display)
-    if copy is not None:
+        raise
+    if copy is not None and isinstance(index, Index):
         try:
             copy.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CafuseError(f"cache {remote.cache}: cannot create: {exc.strerror}") from None
-        file = AtomicFile(copy)
-        file.write(raw)
-        file.commit()
+        write_index(copy, index)
     return index
 
 
@@ -128,19 +135,13 @@ def open_stores(
 
 
 def build_source(
-    index: Index,
+    index: ChunkTable,
     index_text: str,
     stores: list[str] | None,
     seeds: list[str] | None,
     remote: RemoteOptions,
 ) -> ChunkSource:
-    seed_objects = [Seed.parse(spec) for spec in seeds or []]
-    for seed in seed_objects:
-        if seed.index.digest != index.digest:
-            raise CafuseError(
-                f"seed {seed.path} uses digest {seed.index.digest} but the index "
-                f"uses {index.digest}: seeds must be made with the same --digest"
-            )
+    seed_objects = open_seeds(seeds or [], index.digest)
     cache = remote.open_cache()
     # a blob with no chunks needs no store (casync makes none for an empty file)
     store_objects = (
@@ -158,7 +159,7 @@ def build_source(
     )
 
 
-def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None:
+def probe_stores(source: ChunkSource, index: ChunkTable, *, offline_ok: bool) -> None:
     """Fail early, with the reason, when the remote stores cannot serve the image at all.
 
     The check is a GET of the first chunk the index needs (no HEAD: many static hosts and
@@ -169,10 +170,11 @@ def probe_stores(source: ChunkSource, index: Index, *, offline_ok: bool) -> None
     """
     if not source.has_remote or not index.chunk_count:
         return
-    wanted = ~index.zero_mask  # the first chunk that is not zeros: the first one fetched
-    if not wanted.any():
+    # the first chunk that is not zeros: the first one fetched (looked for near the start
+    # only: no pass over a huge table before the mount appears)
+    first = next((i for i in range(min(index.chunk_count, PROBE_SCAN)) if not index.is_zero(i)), -1)
+    if first < 0:
         return
-    first = int(wanted.argmax())
     chunk_id = index.chunk_id(first)
     start, end = index.span(first)
     if source.get_local(chunk_id, end - start) is not None:

@@ -133,6 +133,9 @@ class FetchScheduler:
         self.hedge_won = 0
         self.hedges_skipped = 0  # over the budget
         self.deliver = deliver
+        # where a class's fetched chunks go instead of ``deliver`` (None: nowhere, as for a
+        # background fill that only fills the disk cache)
+        self.deliver_for: dict[Priority, Callable[[bytes, bytes], None] | None] = {}
         self.remote_slots = max(1, remote_slots)
         self.max_remote_slots = max(self.remote_slots, max_remote_slots or self.remote_slots)
         self.reserved = min(
@@ -441,7 +444,9 @@ class FetchScheduler:
             self._queued[flight.priority] -= 1
         self._uncount(flight)
         if data is not None:
-            self.deliver(flight.chunk_id, data)
+            deliver = self.deliver_for.get(flight.priority, self.deliver)
+            if deliver is not None:
+                deliver(flight.chunk_id, data)
         else:
             self.failed += 1
             if flight.priority != Priority.ON_DEMAND and isinstance(error, ChunkUnavailable):

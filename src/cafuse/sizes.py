@@ -47,3 +47,9 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def fetched_text(data: int, stored: int) -> str:
+    """How every summary says what a fetch moved: the chunks' data, and the bytes as
+    stored (compressed: what crossed the wire or was read from disk)."""
+    return f"{format_size(data)} of data, {format_size(stored)} as stored"

@@ -1,4 +1,4 @@
-"""The mount, umount and stats subcommands, and the ``mount.fuse.cafuse`` helper.
+"""The mount, umount and stats subcommands (``mount.fuse.cafuse`` is in ``helper``).
 
 Kept light: pyfuse3, trio and numpy are imported only when a command runs.
 """
@@ -9,27 +9,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 
+from .. import defaults
+from ..args import (
+    add_remote_options,
+    add_seed_options,
+    add_store_option,
+    count,
+    print_json,
+    seed_specs,
+)
 from ..errors import CafuseError
-from ..sizes import format_size, parse_size
+from ..sizes import fetched_text, format_size, parse_size
 from . import STATS_XATTR
-from .options import MountOptions
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
+from .options import FLAG_OPTIONS, PASSED_OPTIONS, SETTERS, MountOptions
 
 
 def _options_from_args(args: argparse.Namespace) -> MountOptions:
@@ -37,7 +30,7 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     for spec in args.o or []:
         opts.apply(spec)
     opts.stores += args.store or []
-    opts.seeds += args.seed or []
+    opts.seeds += seed_specs(args)
     if args.name:
         opts.name = args.name
     if args.memory_cache:
@@ -55,8 +48,9 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     if args.concurrency:
         opts.concurrency = args.concurrency
     if args.log:
-        opts.log_file = os.path.abspath(args.log)
+        opts.log_file = args.log
     opts.foreground = args.foreground
+    _profile_options(args, opts)
     if args.allow_other:
         opts.fuse_options.add("allow_other")
     _throughput_options(args, opts)
@@ -100,11 +94,83 @@ def _add_throughput_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-concurrency",
-        type=_count(1),
+        type=count(1),
         metavar="N",
         help="most remote chunk fetches in flight when a long fat link needs a large "
         "readahead window (default 8 x --concurrency)",
     )
+
+
+def _profile_options(args: argparse.Namespace, opts: MountOptions) -> None:
+    """Boot profiles and background fill (mount/boot.py)."""
+    opts.profile = args.profile or opts.profile
+    opts.no_profile = args.no_profile or opts.no_profile
+    opts.record_profile = args.record_profile or opts.record_profile
+    if args.fill_rate:
+        opts.fill_rate = parse_size(args.fill_rate, "--fill-rate")
+
+
+def _add_profile_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("boot profiles and background fill")
+    group.add_argument(
+        "--profile",
+        metavar="FILE_OR_URL",
+        help="replay this profile right after mounting (default: <index name>.profile "
+        "beside the index, when there is one)",
+    )
+    group.add_argument(
+        "--no-profile", action="store_true", help="replay no profile, not even the default"
+    )
+    group.add_argument(
+        "--record-profile",
+        metavar="FILE",
+        help="record the byte ranges read, written to FILE at unmount",
+    )
+    group.add_argument(
+        "--fill-rate",
+        metavar="RATE",
+        help="after the profile, fetch the rest of the image into --cache at RATE bytes "
+        "per second (K/M/G suffixes)",
+    )
+
+
+def save_profile(mountpoint: str, path: str) -> int:
+    """Write the recording of a mount started with --record-profile to ``path``."""
+    from ..profile import XATTR_PAGE, XATTR_PREFIX, parse, write
+
+    target = _stats_file(mountpoint)
+    pages: list[bytes] = []
+    while True:
+        try:
+            page = os.getxattr(target, f"{XATTR_PREFIX}{len(pages)}")
+        except OSError as exc:
+            if not pages:
+                raise CafuseError(
+                    f"{mountpoint} is not recording a profile: mount it with --record-profile"
+                ) from None
+            raise CafuseError(f"{mountpoint}: reading the profile: {exc.strerror}") from None
+        pages.append(page)
+        if len(page) < XATTR_PAGE:
+            break
+    raw = b"".join(pages)
+    profile = parse(raw, f"the recording of {mountpoint}")  # never write a torn one
+    write(path, raw)
+    return len(profile.ranges)
+
+
+def _stats_file(mountpoint: str) -> str:
+    try:
+        names = os.listdir(mountpoint)
+    except OSError as exc:
+        raise CafuseError(f"{mountpoint}: {exc.strerror}") from None
+    for name in names:
+        path = os.path.join(mountpoint, name)
+        try:
+            os.getxattr(path, STATS_XATTR)
+        except OSError:
+            continue
+        return path
+    raise CafuseError(f"{mountpoint} is not a cafuse mount (no statistics found)")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -135,27 +201,30 @@ def read_stats(mountpoint: str) -> dict:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = read_stats(args.mountpoint)
+    if args.save_profile:
+        ranges = save_profile(args.mountpoint, args.save_profile)
+        print(f"profile: {ranges} ranges written to {args.save_profile}", file=sys.stderr)
     if args.json:
-        from ..cli import print_json
-
         print_json(stats)
         return 0
     reads = stats["reads"]
     print(f"image: {format_size(stats['blob_size'])} in {stats['chunks']} chunks")
+    if table := stats.get("index"):  # a table read by pages
+        fetched = table.get("bytes_fetched")
+        print(
+            f"index: {table['pages_read']} of {table['pages']} table pages read, "
+            f"{table['pages_in_memory']} in memory"
+            + (f", {format_size(fetched)} fetched" if fetched is not None else "")
+        )
     print(
         f"reads: {reads['served']} served ({format_size(reads['bytes'])}), {reads['failed']} failed"
     )
     for origin, nbytes in reads["bytes_from"].items():
         print(f"  served from {origin}: {format_size(nbytes)}")
     for origin, counter in sorted(stats["origins"].items()):
-        wire = (
-            f", {format_size(counter['stored_bytes'])} transferred"
-            if counter["stored_bytes"]
-            else ""
-        )
         print(
             f"fetched from {origin}: {counter['chunks']} chunks, "
-            f"{format_size(counter['bytes'])}{wire}"
+            + fetched_text(counter["bytes"], counter["stored_bytes"])
         )
     cache = stats["memory_cache"]
     print(
@@ -179,14 +248,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{sched['reserved_for_reads']} kept for reads"
         )
     _print_readahead(stats.get("readahead"))
+    from .boot import stats_lines
+
+    for line in stats_lines(stats):
+        print(line)
     if stats["errors"]:
         print("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())))
     return 0
 
 
-def add_mount_commands(
-    sub: argparse._SubParsersAction, add_remote_options: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def _o_list() -> str:
+    """Every ``-o`` key, from the table that parses them (so the help never lags)."""
+    keys = [f"{key}=" for key in SETTERS] + [*FLAG_OPTIONS, *sorted(PASSED_OPTIONS)]
+    return ", ".join(keys)
+
+
+def add_mount_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "mount",
         help="mount an index as one read-only file, fetched lazily",
@@ -195,27 +272,19 @@ def add_mount_commands(
     )
     p.add_argument("index", metavar="INDEX")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    add_store_option(p)
+    add_seed_options(p)
     p.add_argument(
-        "--store",
-        "-s",
-        action="append",
-        metavar="STORE",
-        help="chunk store; repeat to try several in order",
-    )
-    p.add_argument(
-        "--seed",
-        action="append",
-        metavar="SEED_INDEX:SEED_FILE",
-        help="local image whose chunks are used before any store",
-    )
-    p.add_argument(
-        "--memory-cache", metavar="SIZE", help="decompressed chunks kept in memory (default 256M)"
+        "--memory-cache",
+        metavar="SIZE",
+        help=f"decompressed chunks kept in memory (default: {defaults.MEMORY_CACHE_TEXT})",
     )
     p.add_argument(
         "--readahead",
-        type=_count(0),
+        type=count(0),
         metavar="N",
-        help="max chunks fetched ahead of sequential reads (default 32, 0 = off)",
+        help=f"max chunks fetched ahead of sequential reads (default: {defaults.READAHEAD}, "
+        "0 = off)",
     )
     p.add_argument(
         "--no-hedge",
@@ -224,12 +293,13 @@ def add_mount_commands(
     )
     p.add_argument(
         "--concurrency",
-        type=_count(1),
+        type=count(1),
         metavar="N",
-        help="remote chunk fetches in flight; a quarter serve reads only (default 16)",
+        help="remote chunk fetches in flight; a quarter serve reads only "
+        f"(default: {defaults.REMOTE_CONCURRENCY})",
     )
     _add_throughput_arguments(p)
-    p.add_argument("--name", help="file name inside the mount (default: index name)")
+    p.add_argument("--name", help="file name inside the mount (default: the index's name)")
     p.add_argument(
         "--allow-other",
         action="store_true",
@@ -241,13 +311,11 @@ def add_mount_commands(
         "-o",
         action="append",
         metavar="OPTIONS",
-        help="comma-separated options as in fstab: store=,seed=,name=,"
-        "memory_cache=,readahead=,readahead_memory=,max_concurrency=,timeout=,log=,"
-        "allow_other,nohedge",
+        help="comma-separated options as in fstab, each the same as its --option: " + _o_list(),
     )
+    _add_profile_options(p)
     add_remote_options(p)
-    # for the mount, --timeout also bounds each read: past it the read fails with EIO
-    p.set_defaults(handler=cmd_mount, timeout=None, retries=None, cache_size=None)
+    p.set_defaults(handler=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a cafuse mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -256,44 +324,9 @@ def add_mount_commands(
     p = sub.add_parser("stats", help="live statistics of a mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--save-profile",
+        metavar="FILE",
+        help="also write the profile recorded so far (mount --record-profile) to FILE",
+    )
     p.set_defaults(handler=cmd_stats)
-
-
-def helper_main(argv: Sequence[str] | None = None) -> int:
-    """``mount.fuse.cafuse SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, as mount(8)
-    and fstab call it."""
-    from ..cli import main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    positional: list[str] = []
-    options: list[str] = []
-    foreground = False
-    it = iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options.append(next(it, ""))
-        elif arg.startswith("-o") and len(arg) > 2:
-            options.append(arg[2:])
-        elif arg == "-t":
-            next(it, None)
-        elif arg == "-f":
-            foreground = True
-        elif arg in ("-n", "-s", "-v", "-r", "-w") or arg.startswith("--"):
-            continue
-        else:
-            positional.append(arg)
-    if len(positional) != 2:
-        print(
-            "mount.fuse.cafuse: usage: mount.fuse.cafuse INDEX MOUNTPOINT -o store=STORE",
-            file=sys.stderr,
-        )
-        return 2
-    cmd = ["mount", *positional]
-    for spec in options:
-        # mount(8) passes "rw" unless told "ro"; the mount is read-only either way
-        kept = ",".join(item for item in spec.split(",") if item.strip() != "rw")
-        if kept:
-            cmd += ["-o", kept]
-    if foreground:
-        cmd.append("-f")
-    return main(cmd)

@@ -95,11 +95,19 @@ def mount(opts: MountOptions) -> int:
 
     check_mountpoint(opts.mountpoint)
     opts.check_throughput()
+    from .boot import check_options
+
+    check_options(opts)
     # checks that start no threads happen here; opening remote stores starts obstore's
     # runtime threads, which a fork would lose, so that waits for the child
     for text in (opts.index, *opts.stores):
         for part in text.split("|"):
             parse_location(part)
+    _make_paths_absolute(opts)
+    _check_log_file(opts.log_file)
+    # the daemon must not pin the directory it was started in (that file system could
+    # not be unmounted): every path is absolute now
+    os.chdir("/")
     if opts.foreground:
         _setup_logging(opts, daemon=False)
         return _serve(opts, ready=None)
@@ -112,6 +120,9 @@ def mount(opts: MountOptions) -> int:
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace").strip()
+        *warnings, message = message.split("\n") or [""]
+        for line in warnings:  # from the child before "ok": the profile's, say
+            print(f"cafuse: {line}", file=sys.stderr)
         if message == "ok":
             return 0
         if not message:
@@ -124,18 +135,94 @@ def mount(opts: MountOptions) -> int:
     os.close(read_fd)
     os.setsid()
     code = 1
+    ready = Readiness(write_fd)
     try:
         _setup_logging(opts, daemon=True)
         _detach_stdio()
-        code = _serve(opts, ready=write_fd)
+        code = _serve(opts, ready=ready)
     except CafuseError as exc:  # the user's to fix: the parent prints it as it is
-        _report(write_fd, str(exc))
+        ready.report(str(exc))
         log.error("%s", exc)
     except BaseException as exc:
-        _report(write_fd, f"mount failed: {exc}")
+        ready.report(f"mount failed: {exc}")
         log.exception("mount daemon failed")
     finally:
         os._exit(code)
+
+
+class Readiness:
+    """The pipe to the parent waiting for the mount: one report (``ok`` or why not), then
+    the fd is closed and forgotten, so a later error can never write to whatever file or
+    socket reuses that fd number."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @property
+    def pending(self) -> bool:
+        return self._fd is not None
+
+    def warn(self, message: str) -> None:
+        """A warning for the user's terminal, before the one report."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, f"warning: {message}".replace("\n", " ").encode() + b"\n")
+
+    def report(self, message: str) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, message.replace("\n", " ").encode() + b"\n")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _absolute(text: str) -> str:
+    """A store or index given as a relative path, made absolute (URLs stay as they are)."""
+    from ..stores import parse_location
+
+    parts = []
+    for part in text.split("|"):
+        location = parse_location(part)
+        parts.append(os.path.abspath(location.path) if location.is_local else part)
+    return "|".join(parts)
+
+
+def _make_paths_absolute(opts: MountOptions) -> None:
+    """Every path of the options, absolute: the daemon runs in ``/``."""
+    from ..seed import split_spec
+
+    opts.index = _absolute(opts.index)
+    opts.mountpoint = os.path.abspath(opts.mountpoint)
+    opts.stores = [_absolute(text) for text in opts.stores]
+    seeds = []
+    for spec in opts.seeds:
+        index_path, file_path = split_spec(spec)
+        seeds.append(f"{os.path.abspath(index_path)}:{os.path.abspath(file_path)}")
+    opts.seeds = seeds
+    if opts.cache:
+        opts.cache = os.path.abspath(opts.cache)
+    if opts.log_file:
+        opts.log_file = os.path.abspath(opts.log_file)
+    if opts.profile:
+        opts.profile = _absolute(opts.profile)
+    if opts.record_profile:
+        opts.record_profile = os.path.abspath(opts.record_profile)
+
+
+def _check_log_file(path: str | None) -> None:
+    """A log file the daemon cannot write is the user's to fix: say so before forking."""
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CafuseError(
+            f"cannot write the log file {path}: {exc.strerror} (give a writable --log path, "
+            "or leave --log out to log to syslog)"
+        ) from None
+    os.close(fd)
 
 
 def _os_thread_count() -> int:
@@ -161,21 +248,24 @@ def _open_image(opts: MountOptions):
     index = load_index(opts.index, remote)
     source = build_source(index, opts.index, opts.stores, opts.seeds, remote)
     probe_stores(source, index, offline_ok=source.cache is not None)
-    index.zero_mask  # computed before serving, not on the first read  # noqa: B018
+    if index.chunk_count:
+        index.is_zero(0)  # the zero-chunk test set up now, not on the first read
     location = parse_location(opts.index, "index")
     mtime_ns = os.stat(location.path).st_mtime_ns if location.is_local else time.time_ns()
     return index, source, mtime_ns
 
 
-def _serve(opts: MountOptions, ready: int | None) -> int:
+def _serve(opts: MountOptions, ready: Readiness | None) -> int:
     import pyfuse3
     import trio
 
     from ..stores import parse_location
+    from .boot import Boot, load_profile
     from .fs import BlobFS
     from .reader import BlobReader
 
     index, source, mtime_ns = _open_image(opts)
+    profile, warnings = load_profile(opts)
     # a local chunk takes about as long to decompress and verify as a thread hop costs the
     # event loop (~80 us): local sources are read in batches, no more threads than cores.
     # Remote fetches wait on the network: one chunk per thread, many threads.
@@ -191,18 +281,25 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         readahead_memory=opts.readahead_memory,
         max_concurrency=opts.max_concurrency,
     )
+    boot = Boot.build(reader, opts, profile)
     widen = functools.partial(_widen_kernel_readahead, opts.mountpoint)
     fs = BlobFS(reader, opts.file_name, mtime_ns, after_init=widen)
+    fs.recorder = boot.recorder
     fuse_options = set(opts.fuse_options)
     location = parse_location(opts.index, "index")
     fuse_options.add(
         f"fsname={os.path.abspath(location.path) if location.is_local else location.display}"
     )
     fuse_options.add("subtype=cafuse")
-    try:
-        pyfuse3.init(fs, opts.mountpoint, fuse_options)
-    except RuntimeError as exc:
-        raise CafuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
+    with _stderr_captured() as libfuse_said:
+        try:
+            pyfuse3.init(fs, opts.mountpoint, fuse_options)
+        except RuntimeError as exc:
+            failure: RuntimeError | None = exc
+        else:
+            failure = None
+    if failure is not None:
+        raise CafuseError(_mount_failure(opts, failure, libfuse_said())) from None
     log.info(
         "mounted %s at %s (%d chunks, %d bytes)",
         opts.index,
@@ -210,13 +307,18 @@ def _serve(opts: MountOptions, ready: int | None) -> int:
         index.chunk_count,
         index.blob_size,
     )
+    for warning in warnings:
+        log.warning("%s", warning)
+        if ready is not None:
+            ready.warn(warning)
     if ready is not None:
-        _report(ready, "ok")
+        ready.report("ok")
     try:
-        trio.run(_main, reader)
+        trio.run(_main, reader, boot)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", opts.mountpoint)
+        boot.save()
     return 0
 
 
@@ -241,7 +343,7 @@ def _widen_kernel_readahead(mountpoint: str) -> None:
         log.info("kernel readahead of %s left as it is: %s", mountpoint, exc)
 
 
-async def _main(reader) -> None:
+async def _main(reader, boot) -> None:
     import pyfuse3
     import trio
 
@@ -256,14 +358,50 @@ async def _main(reader) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         nursery.start_soon(on_signal)
+        nursery.start_soon(boot.run)  # profile replay, then background fill
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-def _report(fd: int, message: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, message.replace("\n", " ").encode() + b"\n")
-        os.close(fd)
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collect what is written to fd 2 meanwhile (libfuse and fusermount3 print why a mount
+    failed there, and a daemon's fd 2 is /dev/null); yields a function returning it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    capture = os.memfd_create("cafuse-libfuse-stderr", os.MFD_CLOEXEC)
+    text = ""
+    try:
+        os.dup2(capture, 2)
+        yield lambda: text
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.lseek(capture, 0, os.SEEK_END)
+        text = os.pread(capture, min(size, 64 << 10), 0).decode(errors="replace")
+        os.close(capture)
+        if text.strip():
+            log.info("libfuse: %s", " ".join(text.split()))
+
+
+def _mount_failure(opts: MountOptions, exc: RuntimeError, said: str) -> str:
+    """One line: why the mount failed (libfuse's own words) and what to do instead."""
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    reason = lines[-1] if lines else str(exc)
+    where = f"cannot mount at {opts.mountpoint}: {reason}"
+    if "user_allow_other" in said:
+        return (
+            f"{where} (--allow-other needs user_allow_other in /etc/fuse.conf: ask root to "
+            "add it, or mount without --allow-other)"
+        )
+    if "/dev/fuse" in said or "fuse device" in said.lower():
+        return (
+            f"{where} (this user cannot open /dev/fuse: add it to the group that owns "
+            "/dev/fuse, load the fuse module, or mount as root)"
+        )
+    if "Operation not permitted" in said or "Permission denied" in said:
+        return f"{where} (mount as root, or check fusermount3 is installed setuid root)"
+    return where
 
 
 def _detach_stdio() -> None:

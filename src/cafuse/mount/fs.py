@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from ..profile import XATTR_PREFIX
 from . import STATS_XATTR
 from .reader import BlobReader, ReadFailed
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 STATS_XATTR_NAME = STATS_XATTR.encode()
+PROFILE_XATTR_PREFIX = XATTR_PREFIX.encode()
 
 
 class BlobFS(pyfuse3.Operations):
@@ -38,6 +40,7 @@ class BlobFS(pyfuse3.Operations):
         self.name = name.encode()
         self.mtime_ns = mtime_ns
         self._handles = itertools.count(1)
+        self.recorder = None  # a profile.Recorder: its pages are xattrs of the file
         self.after_init = after_init
 
     def init(self) -> None:
@@ -113,6 +116,10 @@ class BlobFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx):
         if inode == FILE_INODE and name == STATS_XATTR_NAME:
             return json.dumps(self.reader.snapshot()).encode()
+        if inode == FILE_INODE and name.startswith(PROFILE_XATTR_PREFIX) and self.recorder:
+            page = name[len(PROFILE_XATTR_PREFIX) :]
+            if page.isdigit():
+                return self.recorder.page(int(page))
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx):

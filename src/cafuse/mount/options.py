@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
+from ..args import specs_in_dir
 from ..errors import CafuseError
 from ..sizes import parse_size
 from ..stores.retry import DEFAULT_RETRIES, DEFAULT_TIMEOUT
@@ -35,7 +37,10 @@ IGNORED_OPTIONS = {
     "suid",
     "dev",
 }
-FLAG_OPTIONS = {"nohedge": ("hedge", False)}  # cafuse switches without a value
+FLAG_OPTIONS = {
+    "nohedge": ("hedge", False),
+    "noprofile": ("no_profile", True),
+}  # cafuse switches without a value
 PASSED_OPTIONS = {"allow_other", "allow_root", "noexec", "noatime"}
 
 
@@ -46,19 +51,24 @@ class MountOptions:
     stores: list[str] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
     name: str | None = None
-    memory_cache: int = 256 << 20
-    readahead: int = 32
+    memory_cache: int = defaults.MEMORY_CACHE
+    readahead: int = defaults.READAHEAD
     hedge: bool = True
-    concurrency: int = 16
+    concurrency: int = defaults.REMOTE_CONCURRENCY
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     cache: str | None = None
-    cache_size: str = "10G"
+    cache_size: str = defaults.CACHE_SIZE
     s3_endpoint: str | None = None
     s3_region: str | None = None
     foreground: bool = False
     log_file: str | None = None
     fuse_options: set[str] = field(default_factory=lambda: set(DEFAULT_FUSE_OPTIONS))
+    # boot profiles and background fill (mount/boot.py)
+    profile: str | None = None
+    no_profile: bool = False
+    record_profile: str | None = None
+    fill_rate: int | None = None
     # throughput (issue 11): None = derived from memory_cache / concurrency
     readahead_memory: int | None = None
     max_concurrency: int | None = None
@@ -88,7 +98,7 @@ class MountOptions:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             key, sep, value = item.partition("=")
             key = key.replace("-", "_")
-            setter = _SETTERS.get(key)
+            setter = SETTERS.get(key)
             if setter is not None:
                 if not (sep and value):
                     raise CafuseError(f"mount option {key!r} needs a value ({key}=...)")
@@ -109,9 +119,10 @@ def _set_cache_size(opts: MountOptions, value: str) -> None:
     opts.cache_size = value
 
 
-_SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
+SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "store": lambda o, v: o.stores.append(v),
     "seed": lambda o, v: o.seeds.append(v),
+    "seed_dir": lambda o, v: o.seeds.extend(specs_in_dir(v)),
     "name": lambda o, v: setattr(o, "name", v),
     "memory_cache": lambda o, v: setattr(o, "memory_cache", parse_size(v, "memory_cache")),
     "readahead": lambda o, v: setattr(o, "readahead", _whole(v, "readahead")),
@@ -123,6 +134,10 @@ _SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "cache_size": _set_cache_size,
     "s3_endpoint": lambda o, v: setattr(o, "s3_endpoint", v),
     "s3_region": lambda o, v: setattr(o, "s3_region", v),
+    # boot profiles and background fill
+    "profile": lambda o, v: setattr(o, "profile", v),
+    "record_profile": lambda o, v: setattr(o, "record_profile", v),
+    "fill_rate": lambda o, v: setattr(o, "fill_rate", parse_size(v, "fill_rate")),
     # throughput (issue 11)
     "readahead_memory": lambda o, v: setattr(
         o, "readahead_memory", parse_size(v, "readahead_memory")

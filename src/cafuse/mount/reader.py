@@ -10,14 +10,17 @@ readahead policy (readahead.py) sizes to the link; the remote workers follow the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
+from .. import defaults
+from ..chunktable import ChunkTable, PageMissing
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
-from ..index import Index
 from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
 from .readahead import Readahead
 
@@ -60,15 +63,24 @@ class ChunkCache:
             _, old = self._items.popitem(last=False)
             self.size -= len(old)
 
+    def put_cold(self, chunk_id: bytes, data: bytes) -> None:
+        """Add as the least recently used: a prefetched chunk never pushes out one in use
+        (when the cache is full, it is the one dropped)."""
+        if chunk_id in self._items or self.size + len(data) > self.capacity:
+            return
+        self._items[chunk_id] = data
+        self._items.move_to_end(chunk_id, last=False)
+        self.size += len(data)
+
 
 class BlobReader:
     def __init__(
         self,
-        index: Index,
+        index: ChunkTable,
         source: ChunkSource,
         *,
-        memory_cache: int = 256 << 20,
-        readahead: int = 32,
+        memory_cache: int = defaults.MEMORY_CACHE,
+        readahead: int = defaults.READAHEAD,
         concurrency: int = 16,
         local_threads: int = 2,
         batch: int = 8,
@@ -107,8 +119,8 @@ class BlobReader:
             quick=readahead * self._avg_chunk,
             align=self._chunk_start,
         )
-        self._ends = index.ends
-        self._zero = index.zero_mask.tobytes()  # bytes: indexing it is a cheap int lookup
+        self._page_loads: dict[int, trio.Event] = {}  # table pages being read, by page
+        self._page_limiter = trio.CapacityLimiter(4)
         self._zeros = memoryview(bytes(index.chunk_max))
         self._waiting_reads = 0
         self._no_waiting_reads = trio.Event()
@@ -116,6 +128,9 @@ class BlobReader:
         self.served_from = {"memory": 0, "fetch": 0, "zero": 0}
         self.reads = 0
         self.failed_reads = 0
+        # boot profiles (mount/boot.py): told of every read; more sections in snapshot()
+        self.observers: list[Callable[[int, int], None]] = []
+        self.extra_stats: dict[str, Callable[[], object]] = {}
 
     @property
     def size(self) -> int:
@@ -143,24 +158,24 @@ class BlobReader:
         no cancel scope, no nursery. Otherwise the missing chunks' fetches are all started
         first, then awaited in order under one deadline.
         """
-        chunks = self.index.covering(offset, size)
+        chunks = await self._covering(offset, size)
         if not chunks:
             return b""
         self.reads += 1
+        for observe in self.observers:
+            observe(offset, size)
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
-        ends = self._ends
         if stream is not None and self.readahead:
             self._plan_readahead(stream, offset, end - offset, self.index.span(last)[1])
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
-        chunk_start = int(ends[first - 1]) if first else 0
         for i in range(first, last + 1):
-            chunk_end = int(ends[i])
+            chunk_start, chunk_end = self.index.span(i)
             lo = max(offset, chunk_start) - chunk_start
             hi = min(end, chunk_end) - chunk_start
-            if self._zero[i]:
+            if self.index.is_zero(i):
                 self.served_from["zero"] += hi - lo
                 parts.append(self._zeros[lo:hi])
             else:
@@ -173,7 +188,6 @@ class BlobReader:
                     waiting.append((len(parts), lo, hi))
                     wanted.append((chunk_id, chunk_end - chunk_start))
                     parts.append(self._zeros[:0])
-            chunk_start = chunk_end
         if waiting:
             flights = self.scheduler.request(wanted, Priority.ON_DEMAND)
             self._waiting_reads += 1
@@ -186,6 +200,38 @@ class BlobReader:
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.served_bytes += len(out)
         return out
+
+    async def _covering(self, offset: int, size: int) -> range:
+        """The chunks covering a read; table pages not in memory yet are read in a thread
+        first (one read per page, however many reads wait for it)."""
+        try:
+            while True:
+                try:
+                    return self.index.covering(offset, size, wait=False)
+                except PageMissing as miss:
+                    await self._load_page(miss.page)
+        except CafuseError as exc:  # a broken or changed table, or one not fetched
+            self.failed_reads += 1
+            # a broken page is named once; the reads that hit it again fail quietly
+            level = logging.DEBUG if getattr(exc, "logged", False) else logging.ERROR
+            log.log(level, "read of %d bytes at %d failed: %s", size, offset, exc)
+            with contextlib.suppress(AttributeError):
+                exc.logged = True  # type: ignore[attr-defined]
+            raise ReadFailed(str(exc)) from None
+
+    async def _load_page(self, page: int) -> None:
+        loading = self._page_loads.get(page)
+        if loading is not None:
+            await loading.wait()  # then the caller asks again (and reads it, had it failed)
+            return
+        done = self._page_loads[page] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(
+                self.index.load_page, page, limiter=self._page_limiter, abandon_on_cancel=True
+            )
+        finally:
+            del self._page_loads[page]
+            done.set()
 
     async def _await_fetches(
         self,
@@ -232,8 +278,12 @@ class BlobReader:
     # ------------------------------------------------------------------ readahead
 
     def _chunk_start(self, offset: int) -> int:
-        """The start of the chunk holding byte ``offset``: readahead ends on a boundary."""
-        return self.index.span(self.index.covering(offset, 1).start)[0]
+        """The start of the chunk holding byte ``offset``: readahead ends on a boundary
+        (0, so no readahead now, when that part of the table is not read yet)."""
+        try:
+            return self.index.span(self.index.covering(offset, 1, wait=False).start)[0]
+        except PageMissing:
+            return 0
 
     def _fetched(self, size: int, seconds: float) -> None:
         self.readahead_policy.observe_latency(seconds)
@@ -244,9 +294,12 @@ class BlobReader:
             return
         start, end = ahead
         wanted: list[tuple[bytes, int]] = []
-        zero = self._zero
-        for i in self.index.covering(start, end - start):
-            if zero[i]:
+        try:
+            chunks = self.index.covering(start, end - start, wait=False)
+        except PageMissing:  # not read yet: those chunks are fetched when a read needs them
+            return
+        for i in chunks:
+            if self.index.is_zero(i):
                 continue
             chunk_id = self.index.chunk_id(i)
             if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
@@ -257,6 +310,16 @@ class BlobReader:
             if self.source.has_remote:
                 chunks = -(-self.readahead_policy.total_ahead // self._avg_chunk)
                 self.scheduler.want_remote_slots(chunks + self.scheduler.reserved)
+
+    @property
+    def waiting_reads(self) -> int:
+        """Reads waiting for a fetch right now."""
+        return self._waiting_reads
+
+    def is_zero(self, i: int) -> bool:
+        """Chunk ``i`` is all zeros (served without a fetch). For a table read by pages
+        this may read one: call it from a thread unless the chunk is ``resident``."""
+        return self.index.is_zero(i)
 
     def forget_stream(self, stream: int) -> None:
         self.readahead_policy.forget(stream)
@@ -278,8 +341,11 @@ class BlobReader:
         }
         snap["blob_size"] = self.size
         snap["chunks"] = self.index.chunk_count
+        snap["index"] = self.index.stats()
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
         snap["readahead"] = self.readahead_policy.snapshot()
+        for name, section in self.extra_stats.items():
+            snap[name] = section()
         return snap

@@ -48,10 +48,18 @@ class ReadOnlyStore(CafuseError):
     pass
 
 
-def chunk_path(chunk_id: bytes) -> str:
-    """casync's layout: ``<first 4 hex digits>/<64 hex digits>.cacnk``."""
+class Uncompressed(bytes):
+    """A chunk's data stored as is, a bare ``<id>`` file (casync's and desync's layout for
+    uncompressed chunks): stores return such copies as this type, and ``put`` files it
+    under the bare name. Never decoded by its magic bytes (``cafuse.codec``)."""
+
+    __slots__ = ()
+
+
+def chunk_path(chunk_id: bytes, bare: bool = False) -> str:
+    """casync's layout: ``<first 4 hex digits>/<64 hex digits>.cacnk``, no suffix if bare."""
     hexid = chunk_id.hex()
-    return f"{hexid[:4]}/{hexid}.cacnk"
+    return f"{hexid[:4]}/{hexid}" if bare else f"{hexid[:4]}/{hexid}.cacnk"
 
 
 class ChunkStore(ABC):

@@ -27,8 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import StoreError
-from .local import STALE_TEMP_AGE, LocalStore
+from .base import StoreError, Uncompressed
+from .local import _CHUNK_NAME, STALE_TEMP_AGE, LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class CacheStore(LocalStore):
         if blob is not None:
             # most recently used; if another process evicted it meanwhile, the bytes are good
             with contextlib.suppress(OSError):
-                os.utime(self._path(chunk_id))
+                os.utime(self._candidates(chunk_id)[isinstance(blob, Uncompressed)])
         return blob
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
@@ -78,10 +78,10 @@ class CacheStore(LocalStore):
         return written
 
     def delete(self, chunk_id: bytes) -> None:
-        try:
-            size = os.stat(self._name(chunk_id)).st_size
-        except OSError:
-            size = 0
+        size = 0
+        for candidate in self._candidates(chunk_id):
+            with contextlib.suppress(OSError):
+                size += os.stat(candidate).st_size
         super().delete(chunk_id)
         if size:
             self._account(-size)
@@ -146,7 +146,7 @@ class CacheStore(LocalStore):
                             if entry.name.endswith(".tmp") and st.st_mtime < stale:
                                 with contextlib.suppress(FileNotFoundError):
                                     os.unlink(entry.path)
-                        elif entry.name.endswith(".cacnk"):
+                        elif _CHUNK_NAME.match(entry.name):  # compressed or bare
                             out.append((Path(entry.path), st.st_size, st.st_mtime))
         return out
 

@@ -1,7 +1,14 @@
-"""``A|B``: a failover group of stores holding the same chunks (desync's semantics).
+"""``A|B``: a failover group of stores holding the same chunks (desync's syntax).
 
-A member that errors or lacks a chunk hands over to the next; the group fails only when
-every member did.
+Unlike desync, which fails over only when a store errors, a member that *lacks* a chunk
+also hands over to the next: mirrors of one store lag behind each other (an upload still
+syncing), and asking the next member costs a request only for the chunks the first one
+lacks. The group fails only when every member did. The member that answered last is asked
+first next time.
+
+Reading jobs and mounts do not call ``get`` here: ``ChunkSource`` puts a group's members in
+one tier of its router, ordered by their health (docs/remote.md). ``get``/``has`` serve
+info and verify; writes, gc and locks go to the first member.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ _FIRST_MEMBERS = frozenset(
         "list_locks",
         "read_lock",
         "delete_lock",
+        "iter_copies",
+        "get_copy",
+        "delete_copy",
+        "remove_empty_prefixes",
     }
 )
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..atomic import free_space
 from ..fileio import describe_file_type
 from ..sizes import format_size
-from .base import ChunkStore, CorruptChunkError, StoreError, chunk_path
+from .base import ChunkStore, CorruptChunkError, StoreError, Uncompressed
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,6 @@ class LocalStore(ChunkStore):
                 f"store {self.root}: directory does not exist (check the --store path)"
             )
 
-    def _path(self, chunk_id: bytes) -> Path:
-        return self.root / chunk_path(chunk_id)
-
     def _name(self, chunk_id: bytes) -> str:
         """The chunk's path as a string: this runs for every chunk, pathlib costs here."""
         hexid = chunk_id.hex()
@@ -90,25 +87,39 @@ class LocalStore(ChunkStore):
         return name, name[: -len(".cacnk")]  # casync also reads bare (uncompressed) chunks
 
     def get(self, chunk_id: bytes) -> bytes | None:
-        for candidate in self._candidates(chunk_id):
-            try:
-                # O_NONBLOCK: opening a FIFO must not wait for a writer
-                fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise StoreError(
-                    f"store {self.root}: cannot read {candidate}: {exc.strerror}"
-                ) from None
-            try:
-                return self._read_chunk_file(fd, candidate)
-            except OSError as exc:
-                raise StoreError(
-                    f"store {self.root}: cannot read {candidate}: {exc.strerror}"
-                ) from None
-            finally:
-                os.close(fd)
-        return None
+        """The compressed ``.cacnk`` copy if there is one, else the bare one
+        (``Uncompressed``), else None."""
+        name, bare = self._candidates(chunk_id)
+        blob = self._read_copy(name)
+        if blob is None:
+            blob = self._read_copy(bare)
+            return None if blob is None else Uncompressed(blob)
+        return blob
+
+    def get_copy(self, chunk_id: bytes, bare: bool) -> bytes | None:
+        """One stored copy: the bare file (``Uncompressed``) or the ``.cacnk``, or None."""
+        name, bare_name = self._candidates(chunk_id)
+        blob = self._read_copy(bare_name if bare else name)
+        return Uncompressed(blob) if bare and blob is not None else blob
+
+    def _read_copy(self, candidate: str) -> bytes | None:
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.root}: cannot read {candidate}: {exc.strerror}"
+            ) from None
+        try:
+            return self._read_chunk_file(fd, candidate)
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.root}: cannot read {candidate}: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
 
     def _read_chunk_file(self, fd: int, name: str) -> bytes:
         st = os.fstat(fd)
@@ -140,8 +151,9 @@ class LocalStore(ChunkStore):
         name, bare = self._candidates(chunk_id)
         return os.path.exists(name) or os.path.exists(bare)
 
-    def touch(self, chunk_id: bytes) -> bool:
-        """Whether the store holds the chunk, refreshing its mtime if it does.
+    def touch(self, chunk_id: bytes, bare: bool = False) -> bool:
+        """Whether the store holds the chunk (either way: ``bare`` is only a remote store's
+        hint), refreshing its mtime if it does.
 
         ``make`` calls this for every chunk it reuses, so that a ``gc`` running beside it
         (which spares chunks younger than its grace period) cannot delete it. False when
@@ -174,6 +186,8 @@ class LocalStore(ChunkStore):
         if self.touch(chunk_id):
             return False
         path = self._name(chunk_id)
+        if isinstance(blob, Uncompressed):
+            path = path[: -len(".cacnk")]  # casync's and desync's uncompressed layout
         directory, base = path.rsplit("/", 1)
         try:
             fd, tmp = self._create(directory, base)
@@ -203,8 +217,9 @@ class LocalStore(ChunkStore):
             try:
                 return os.open(tmp, flags, 0o644), tmp
             except FileNotFoundError:
-                if attempt:
+                if attempt == 7:
                     raise
+                # a gc may remove the emptied directory between our mkdir and open: again
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(directory)
             except FileExistsError:
@@ -228,6 +243,11 @@ class LocalStore(ChunkStore):
         for candidate in self._candidates(chunk_id):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(candidate)
+
+    def delete_copy(self, chunk_id: bytes, bare: bool) -> None:
+        """Delete one stored copy (the bare file or the ``.cacnk``), keeping the other."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._candidates(chunk_id)[bare])
 
     def delete_if_older(self, chunk_id: bytes, cutoff: float) -> bool:
         """Delete the chunk unless its mtime is ``cutoff`` or later; True if deleted.
@@ -266,17 +286,42 @@ class LocalStore(ChunkStore):
             yield chunk_id
 
     def iter_ages(self) -> Iterator[tuple[bytes, float]]:
-        """Every chunk id with its file's mtime (refreshed by make when it reuses a chunk)."""
+        """Every chunk id once with its file's mtime (refreshed by make when it reuses a
+        chunk); a chunk stored both bare and compressed counts once, at its newer copy."""
         for prefix in self._prefix_dirs():
-            with os.scandir(prefix.path) as entries:
-                for entry in entries:
-                    match = _CHUNK_NAME.match(entry.name)
-                    if match and match.group(1).startswith(prefix.name):
-                        try:
-                            mtime = _mtime(entry.path)
-                        except FileNotFoundError:
-                            continue
-                        yield bytes.fromhex(match.group(1)), mtime
+            ages: dict[bytes, float] = {}
+            for chunk_id, _, path in self._copies_in(prefix):
+                try:
+                    mtime = _mtime(path)
+                except FileNotFoundError:
+                    continue
+                ages[chunk_id] = max(mtime, ages.get(chunk_id, mtime))
+            yield from ages.items()
+
+    def iter_copies(self) -> Iterator[tuple[bytes, bool]]:
+        """Every stored copy: (id, bare), so a chunk kept both ways comes twice."""
+        for prefix in self._prefix_dirs():
+            for chunk_id, bare, _ in self._copies_in(prefix):
+                yield chunk_id, bare
+
+    def _copies_in(self, prefix: os.DirEntry[str]) -> list[tuple[bytes, bool, str]]:
+        out = []
+        with os.scandir(prefix.path) as entries:
+            for entry in entries:
+                match = _CHUNK_NAME.match(entry.name)
+                if match and match.group(1).startswith(prefix.name):
+                    out.append((bytes.fromhex(match.group(1)), not match.group(2), entry.path))
+        return out
+
+    def remove_empty_prefixes(self) -> int:
+        """Remove prefix directories left empty (by gc), as casync does; a writer that
+        needs one again makes it (``_create`` retries)."""
+        removed = 0
+        for prefix in self._prefix_dirs():
+            with contextlib.suppress(OSError):  # not empty (ENOTEMPTY), or gone
+                os.rmdir(prefix.path)
+                removed += 1
+        return removed
 
     def remove_stale_temps(self, max_age: float = STALE_TEMP_AGE) -> int:
         """Delete temporary files of killed writers (older than ``max_age`` seconds)."""

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -34,6 +35,7 @@ from .base import (
     StoreError,
     ThrottledStoreError,
     TransientStoreError,
+    Uncompressed,
     chunk_path,
 )
 from .location import Location, redact
@@ -52,11 +54,11 @@ _TIMEOUT_STEPS = tuple(0.25 * 2**k for k in range(12))  # 0.25 s .. 512 s
 LAST_MODIFIED_RESOLUTION = 1.0
 _MAX_PENDING = 65536  # chunks touch found missing, kept for the put that follows it
 # make's and gc's lock objects, under the store's prefix: never taken for chunks, which
-# are <4 hex>/<64 hex>.cacnk
+# are <4 hex>/<64 hex>.cacnk or bare <4 hex>/<64 hex>
 LOCK_DIR = ".cafuse-locks"
 MAX_LOCK_BYTES = 64 << 10  # a lock's body is a small JSON object
 
-_CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{4})/([0-9a-f]{64})\.cacnk$")
+_CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{4})/([0-9a-f]{64})(\.cacnk)?$")
 _STATUS = re.compile(r"\bstatus(?: code)?: (\d{3})\b")
 _HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
 
@@ -123,6 +125,23 @@ def classify(exc: BaseException, where: str) -> StoreError:
     return StoreError(message)
 
 
+def _put_if_absent(client: Any, path: str, body: bytes) -> None:
+    """PUT with ``If-None-Match: *``; FileExistsError when the object is there."""
+    import obstore
+    import obstore.exceptions as obe
+
+    try:
+        obstore.put(client, path, body, mode="create")
+    except obe.AlreadyExistsError:
+        raise FileExistsError(path) from None
+
+
+def _unsupported(exc: StoreError) -> bool:
+    """Whether a failed conditional PUT says the server does not do conditional PUTs."""
+    text = str(exc)
+    return any(m in text for m in ("HTTP 501", "NotImplemented", "not implemented", "HTTP 400"))
+
+
 def s3_settings(endpoint: str | None = None, region: str | None = None) -> dict[str, object]:
     """S3 settings from options, then the standard AWS_* environment variables."""
     settings: dict[str, object] = {}
@@ -163,6 +182,9 @@ class ObjectChunkStore(ChunkStore):
         # chunks ``touch`` found missing: the ``put`` that follows needs no second HEAD
         self._missing: set[bytes] = set()
         self._missing_lock = threading.Lock()
+        # which layout answered last: a store of bare chunks is asked for bare names first
+        self._bare_first = False
+        self._conditional_put = True  # until the server says it cannot (If-None-Match)
 
     def _client(self, timeout: float) -> Any:
         """The obstore client whose request timeout is the largest step <= ``timeout``."""
@@ -250,15 +272,38 @@ class ObjectChunkStore(ChunkStore):
             raise classify(exc, where) from None
 
     def get(self, chunk_id: bytes, timeout: float | None = None) -> bytes | None:
-        """One attempt, no retries (the fetch path retries across stores)."""
+        """One attempt, no retries (the fetch path retries across stores): the ``.cacnk``
+        copy, else the bare one (``Uncompressed``), else None. The layout that answered
+        last is asked first, so a store of either kind costs one request per chunk."""
+        if timeout is None:
+            timeout = self.retry.attempt_timeout(self.retry.timeout)
+        end = time.monotonic() + timeout  # both requests within the one attempt's time
+        first = self._bare_first
+        for bare in (first, not first):
+            left = end - time.monotonic()
+            if left <= 0.001:
+                raise TransientStoreError(f"store {self.url}: timed out")
+            blob = self.get_copy(chunk_id, bare, left)
+            if blob is not None:
+                self._bare_first = bare
+                return blob
+        return None
+
+    def get_copy(self, chunk_id: bytes, bare: bool, timeout: float | None = None) -> bytes | None:
+        """One stored copy (``Uncompressed`` if bare), or None; one request."""
         if timeout is None:
             timeout = self.retry.attempt_timeout(self.retry.timeout)
         try:
-            return self._read(
-                chunk_path(chunk_id), timeout, self.max_blob_size, "a chunk", f"store {self.url}"
+            blob = self._read(
+                chunk_path(chunk_id, bare),
+                timeout,
+                self.max_blob_size,
+                "a chunk",
+                f"store {self.url}",
             )
         except FileNotFoundError:
             return None
+        return Uncompressed(blob) if bare else blob
 
     # ------------------------------------------------------------------ with retries
 
@@ -266,7 +311,7 @@ class ObjectChunkStore(ChunkStore):
         def attempt(left: float) -> Any:
             try:
                 return fn(self._client(left), *args)
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
                 raise
             except Exception as exc:
                 raise classify(exc, f"store {self.url}") from None
@@ -274,29 +319,33 @@ class ObjectChunkStore(ChunkStore):
         return self.retry.run(f"{self.url} {what}", attempt)
 
     def has(self, chunk_id: bytes) -> bool:
-        return self._last_modified(chunk_id) is not None
+        first = self._bare_first
+        return any(self._last_modified(chunk_id, bare) is not None for bare in (first, not first))
 
-    def _last_modified(self, chunk_id: bytes) -> float | None:
-        """The chunk's last-modified time (epoch seconds, whole seconds), None if missing."""
+    def _last_modified(self, chunk_id: bytes, bare: bool = False) -> float | None:
+        """A copy's last-modified time (epoch seconds, whole seconds), None if missing."""
         import obstore
 
         try:
-            meta = self._call("head", obstore.head, chunk_path(chunk_id))
+            meta = self._call("head", obstore.head, chunk_path(chunk_id, bare))
         except FileNotFoundError:
             return None
         return float(meta["last_modified"].timestamp())
 
-    def touch(self, chunk_id: bytes) -> bool:
-        """Whether the store holds the chunk: one HEAD, nothing written.
+    def touch(self, chunk_id: bytes, bare: bool = False) -> bool:
+        """Whether the store holds the chunk as make would write it (bare or ``.cacnk``):
+        one HEAD, nothing written.
 
         ``make`` calls this for every chunk it reuses. An object's last-modified time
         cannot be refreshed in place, and uploading the chunk again would cost what dedup
         saves, so a running make is protected from gc by its store lock (``cafuse.locks``)
-        instead. A missing chunk is remembered for the ``put`` that follows (no second HEAD).
+        instead. Only the form make writes is asked for: asking for both would double the
+        requests of every new chunk, and a chunk then kept both ways is counted once by
+        gc. A missing chunk is remembered for the ``put`` that follows (no second HEAD).
         """
         if not self.writable:
             return self.has(chunk_id)
-        if self.has(chunk_id):
+        if self._last_modified(chunk_id, bare) is not None:
             return True
         with self._missing_lock:
             if len(self._missing) >= _MAX_PENDING:
@@ -305,21 +354,36 @@ class ObjectChunkStore(ChunkStore):
         return False
 
     def put(self, chunk_id: bytes, blob: bytes) -> bool:
-        """Upload the chunk unless it is there; True when it was uploaded.
+        """Upload the chunk unless it is there; True when this call uploaded it.
 
-        A chunk already there is never overwritten. After ``touch`` found the chunk
-        missing no second HEAD is made: one HEAD and one PUT per new chunk.
+        A chunk already there is never overwritten: the upload is conditional
+        (``If-None-Match: *``) where the server supports it, so two makes racing for the
+        same new chunk upload it once between them. After ``touch`` found the chunk missing
+        no second HEAD is made: one HEAD and one PUT per new chunk.
         """
         import obstore
 
         if not self.writable:
             return super().put(chunk_id, blob)
+        bare = isinstance(blob, Uncompressed)
         with self._missing_lock:
             known_missing = chunk_id in self._missing
             self._missing.discard(chunk_id)
-        if not known_missing and self.has(chunk_id):
+        if not known_missing and self._last_modified(chunk_id, bare) is not None:
             return False
-        self._call("put", lambda s, p, b: obstore.put(s, p, b), chunk_path(chunk_id), blob)
+        path = chunk_path(chunk_id, bare)
+        if self._conditional_put:
+            try:
+                self._call("put", _put_if_absent, path, bytes(blob))
+                return True
+            except FileExistsError:
+                return False
+            except StoreError as exc:
+                if not _unsupported(exc):
+                    raise
+                log.info("%s: no conditional PUT (%s), plain PUT from now on", self.url, exc)
+                self._conditional_put = False
+        self._call("put", lambda s, p, b: obstore.put(s, p, b), path, bytes(blob))
         return True
 
     def delete(self, chunk_id: bytes) -> None:
@@ -327,8 +391,18 @@ class ObjectChunkStore(ChunkStore):
 
         if not self.writable:
             return super().delete(chunk_id)
+        for bare in (False, True):
+            with contextlib.suppress(FileNotFoundError):
+                self._call("delete", obstore.delete, chunk_path(chunk_id, bare))
+
+    def delete_copy(self, chunk_id: bytes, bare: bool) -> None:
+        """Delete one stored copy (bare or ``.cacnk``), keeping the other."""
+        import obstore
+
+        if not self.writable:
+            return super().delete(chunk_id)
         with contextlib.suppress(FileNotFoundError):
-            self._call("delete", obstore.delete, chunk_path(chunk_id))
+            self._call("delete", obstore.delete, chunk_path(chunk_id, bare))
 
     def delete_if_older(self, chunk_id: bytes, cutoff: float) -> bool:
         """Delete the chunk unless it was modified at ``cutoff`` or later; True if deleted.
@@ -340,11 +414,16 @@ class ObjectChunkStore(ChunkStore):
         that upload. Every retry repeats the HEAD, so the window is one request long,
         never a backoff pause. See docs/failure-model.md.
         """
-        import obstore
 
         if not self.writable:
             raise ReadOnlyStore(f"store {self.url} is read-only")
-        path = chunk_path(chunk_id)
+        deleted = False
+        for bare in (False, True):  # a chunk may be kept both ways
+            deleted |= self._delete_copy_if_older(chunk_path(chunk_id, bare), cutoff)
+        return deleted
+
+    def _delete_copy_if_older(self, path: str, cutoff: float) -> bool:
+        import obstore
 
         def attempt(left: float) -> bool:
             client = self._client(left)
@@ -373,6 +452,27 @@ class ObjectChunkStore(ChunkStore):
         return self._list_ages()
 
     def _list_ages(self) -> Iterator[tuple[bytes, float]]:
+        """Each chunk once: a listing is sorted by key, so a chunk's bare and ``.cacnk``
+        copies come one after the other; the newer one's time counts."""
+        last: tuple[bytes, float] | None = None
+        for chunk_id, _, modified in self._list_copies():
+            if last is not None and last[0] == chunk_id:
+                last = (chunk_id, max(last[1], modified))
+                continue
+            if last is not None:
+                yield last
+            last = (chunk_id, modified)
+        if last is not None:
+            yield last
+
+    def iter_copies(self) -> Iterator[tuple[bytes, bool]]:
+        """Every stored copy: (id, bare), so a chunk kept both ways comes twice."""
+        if not self.writable:
+            raise StoreError(f"store {self.url} cannot list its chunks")  # a web server
+        for chunk_id, bare, _ in self._list_copies():
+            yield chunk_id, bare
+
+    def _list_copies(self) -> Iterator[tuple[bytes, bool, float]]:
         import obstore
 
         try:
@@ -380,7 +480,11 @@ class ObjectChunkStore(ChunkStore):
                 for meta in batch:
                     match = _CHUNK_KEY.search(meta["path"])
                     if match and match.group(2).startswith(match.group(1)):
-                        yield bytes.fromhex(match.group(2)), meta["last_modified"].timestamp()
+                        yield (
+                            bytes.fromhex(match.group(2)),
+                            not match.group(3),
+                            meta["last_modified"].timestamp(),
+                        )
         except Exception as exc:
             raise classify(exc, f"store {self.url}: cannot list chunks") from None
 

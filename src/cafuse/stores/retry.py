@@ -14,14 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .. import defaults
 from .base import ThrottledStoreError, TransientStoreError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETRIES = 10
+DEFAULT_TIMEOUT = defaults.TIMEOUT
+DEFAULT_RETRIES = defaults.RETRIES
 MIN_ATTEMPT_TIMEOUT = 1.0
 # after a 429/503 whose Retry-After obstore does not show us: full jitter on a cap that
 # starts above the usual one and doubles to THROTTLE_MAX_BACKOFF

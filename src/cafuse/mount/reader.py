@@ -4,8 +4,8 @@ A read is resolved through the index's end offsets to the chunks covering it. Ea
 comes from a bounded in-memory LRU of decompressed chunks, or through the fetch scheduler
 (one fetch per chunk id, however many reads wait for it; local sources first, then the
 remote stores by priority). Zero chunks are served without a fetch. When a stream of reads
-is sequential, the chunks ahead of it are requested at readahead priority, in a window
-that doubles while the pattern holds.
+is sequential, the chunks ahead of it are requested at readahead priority, in a window the
+readahead policy (readahead.py) sizes to the link; the remote workers follow the window.
 """
 
 from __future__ import annotations
@@ -23,27 +23,16 @@ from ..chunktable import ChunkTable, PageMissing
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
 from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
+from .readahead import Readahead
 
 log = logging.getLogger(__name__)
 
 
-SEQUENTIAL_THRESHOLD = 512 << 10
-REORDER_SLACK = 1 << 20
 READ_GRACE = 5.0  # a read waits this much past its chunks' deadline before it gives up
 
 
 class ReadFailed(CafuseError):
     """A read could not be satisfied; the FUSE layer turns this into EIO."""
-
-
-@dataclass
-class _Stream:
-    """Readahead state of one open file handle."""
-
-    next_offset: int = -1
-    run_bytes: int = 0  # read in sequence so far
-    window: int = 0
-    ahead_until: int = 0  # chunk index up to which readahead was already started
 
 
 @dataclass
@@ -105,7 +94,14 @@ class BlobReader:
         local_threads: int = 2,
         batch: int = 8,
         hedge: bool = True,
+        readahead_memory: int | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
+        """``readahead``: chunks the window of a sequential stream doubles to at once (0:
+        no readahead); beyond that it grows while the read rate does, all streams sharing
+        ``readahead_memory`` bytes ahead (default a quarter of ``memory_cache``). Remote
+        fetches in flight grow from ``concurrency`` with the window, up to
+        ``max_concurrency`` (default 8 x ``concurrency``)."""
         self.index = index
         self.source = source
         self.stats = source.stats
@@ -119,11 +115,22 @@ class BlobReader:
             local_slots=local_threads,
             local_batch=batch,
             hedge=hedge,
+            max_remote_slots=max_concurrency or 8 * concurrency,
+            on_fetched=self._fetched,
+        )
+        self._avg_chunk = max(1, index.blob_size // max(1, index.chunk_count))
+        self.readahead_policy = Readahead(
+            index.blob_size,
+            budget=(memory_cache // 4 if readahead_memory is None else readahead_memory)
+            if readahead
+            else 0,
+            initial=2 * index.chunk_max,
+            quick=readahead * self._avg_chunk,
+            align=self._chunk_start,
         )
         self._page_loads: dict[int, _PageLoad] = {}  # table pages being read, by page
         self._page_limiter = trio.CapacityLimiter(4)
         self._zeros = memoryview(bytes(index.chunk_max))
-        self._streams: dict[int, _Stream] = {}
         self._waiting_reads = 0
         self._no_waiting_reads = trio.Event()
         self.served_bytes = 0
@@ -169,7 +176,7 @@ class BlobReader:
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
         if stream is not None and self.readahead:
-            self._plan_readahead(stream, offset, end - offset, last + 1)
+            self._plan_readahead(stream, offset, end - offset, self.index.span(last)[1])
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
@@ -294,36 +301,39 @@ class BlobReader:
 
     # ------------------------------------------------------------------ readahead
 
-    def _plan_readahead(self, stream: int, offset: int, size: int, next_chunk: int) -> None:
-        state = self._streams.setdefault(stream, _Stream())
-        # the kernel keeps several requests of one sequential reader in flight, and they can
-        # arrive slightly out of order: count a read near the stream's front as sequential
-        sequential = abs(offset - state.next_offset) <= REORDER_SLACK
-        state.next_offset = max(state.next_offset, offset + size) if sequential else offset + size
-        state.run_bytes = state.run_bytes + size if sequential else size
-        if state.run_bytes < SEQUENTIAL_THRESHOLD:
-            # the kernel's own readahead makes a few consecutive requests after any read;
-            # only a longer run is a sequential reader worth fetching ahead for
-            state.window = 0
-            state.ahead_until = next_chunk
+    def _chunk_start(self, offset: int) -> int:
+        """The start of the chunk holding byte ``offset``: readahead ends on a boundary
+        (0, so no readahead now, when that part of the table is not read yet)."""
+        try:
+            return self.index.span(self.index.covering(offset, 1, wait=False).start)[0]
+        except PageMissing:
+            return 0
+
+    def _fetched(self, size: int, seconds: float) -> None:
+        self.readahead_policy.observe_latency(seconds)
+
+    def _plan_readahead(self, stream: int, offset: int, size: int, covered_end: int) -> None:
+        ahead = self.readahead_policy.on_read(stream, offset, size, covered_end)
+        if ahead is None:
             return
-        state.window = min(max(2, state.window * 2), self.readahead)
-        first = max(next_chunk, state.ahead_until)
-        last = min(next_chunk + state.window, self.index.chunk_count)
+        start, end = ahead
         wanted: list[tuple[bytes, int]] = []
-        for i in range(first, last):
-            if not self.index.resident(i):  # its table page is not read yet: the next read
-                last = i  # that needs it reads it
-                break
+        try:
+            chunks = self.index.covering(start, end - start, wait=False)
+        except PageMissing:  # not read yet: those chunks are fetched when a read needs them
+            return
+        for i in chunks:
             if self.index.is_zero(i):
                 continue
             chunk_id = self.index.chunk_id(i)
             if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
-                start, stop = self.index.span(i)
-                wanted.append((chunk_id, stop - start))
+                lo, hi = self.index.span(i)
+                wanted.append((chunk_id, hi - lo))
         if wanted:
             self.scheduler.request(wanted, Priority.READAHEAD)
-        state.ahead_until = max(state.ahead_until, last)
+            if self.source.has_remote:
+                chunks = -(-self.readahead_policy.total_ahead // self._avg_chunk)
+                self.scheduler.want_remote_slots(chunks + self.scheduler.reserved)
 
     @property
     def waiting_reads(self) -> int:
@@ -336,7 +346,7 @@ class BlobReader:
         return self.index.is_zero(i)
 
     def forget_stream(self, stream: int) -> None:
-        self._streams.pop(stream, None)
+        self.readahead_policy.forget(stream)
 
     # ------------------------------------------------------------------ stats
 
@@ -359,6 +369,7 @@ class BlobReader:
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
+        snap["readahead"] = self.readahead_policy.snapshot()
         for name, section in self.extra_stats.items():
             snap[name] = section()
         return snap

@@ -118,6 +118,9 @@ def bench_wan(work: Path, v1: Path, report: Report) -> None:
             out.unlink()
         finally:
             proxy.stop()
+        from bench_throughput import bench_wan_throughput
+
+        bench_wan_throughput(work, v1, url, report, cafuse_mount, port + 2)
     report.add(
         f"WAN (25 ms each way, 100 Mbit/s): read one {len(data) >> 10} KiB file "
         "from the loop-mounted image",

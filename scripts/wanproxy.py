@@ -97,6 +97,12 @@ class WanProxy:
         self._ready.set()
         async with server:
             await self._stop.wait()
+        # connections still open (a client's pooled ones) end with the proxy, quietly
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def start(self) -> WanProxy:
         def run() -> None:

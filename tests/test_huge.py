@@ -1,4 +1,4 @@
-"""Huge indexes: the table read a page at a time (memory map locally, ranged GETs by URL),
+"""Huge indexes: the table read a page at a time (pread locally, ranged GETs by URL),
 checked page by page, pinned to one version on the server, kept in --cache."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def random_reads(
         os.close(fd)
 
 
-def test_mapped_table_matches_the_parsed_one(huge) -> None:
+def test_paged_table_matches_the_parsed_one(huge) -> None:
     root, _, _ = huge
     table = read_index(root / "big.caibx")
     parsed = parse_index((root / "big.caibx").read_bytes())
@@ -461,3 +461,217 @@ def test_passes_in_many_batches(huge, tmp_path: Path, monkeypatch) -> None:
     cached = fill_cache(table, source, progress=False)
     assert cached.chunks == len(np.unique(choice[choice != zero]))
     assert collect_garbage(store, [table], dry_run=True, grace=0).deleted == 0
+
+
+def write_changed_ids(src: Path, dest: Path, lo: int, hi: int) -> None:
+    """``src`` with the ids of items ``lo..hi`` changed (same length, same offsets), a
+    newer mtime: another version nginx tells apart only by its ETag."""
+    raw = bytearray(src.read_bytes())
+    items = np.frombuffer(raw, dtype=np.uint8, count=ITEMS * 40, offset=ITEMS_OFFSET)
+    items = items.reshape(ITEMS, 40)
+    items[lo:hi, 8] ^= 0xFF
+    dest.write_bytes(bytes(raw))
+    later = src.stat().st_mtime + 10
+    os.utime(dest, (later, later))
+
+
+def test_versions_of_one_url_share_a_cache_without_mixing(huge, tmp_path: Path) -> None:
+    """Two tables of one URL pinned to two versions, one --cache: each reads only its own
+    version's pages (the one pinned to the old version never gets the new one's ids)."""
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(root / "big.caibx", www / "big.caibx")
+    v1 = read_index(root / "big.caibx")
+    options = RemoteOptions(cache=str(tmp_path / "cache"))
+    with nginx_serving(www, tmp_path / "nginx") as server:
+        url = f"{server.url}/big.caibx"
+        a = load_index(url, options)
+        assert isinstance(a, PagedTable)
+        early, late = 5000, 30_000
+        assert list(a.covering(v1.span(early)[0], 1)) == [early]
+        assert a.chunk_id(early) == v1.chunk_id(early)
+        write_changed_ids(root / "big.caibx", www / "new.caibx", 20_000, ITEMS)
+        os.replace(www / "new.caibx", www / "big.caibx")
+        b = load_index(url, options)  # the new version, its pages kept in the same cache
+        assert isinstance(b, PagedTable)
+        assert list(b.covering(v1.span(late)[0], 1)) == [late]
+        assert b.chunk_id(late) != v1.chunk_id(late)
+        # a's page of the late item is not cached for its version: fetched, and refused
+        with pytest.raises(TableError, match="changed on the server"):
+            a.covering(v1.span(late)[0], 1)
+        a._pages.clear()  # what a read before is then read from a's own version, offline
+        assert list(a.covering(v1.span(early)[0], 1)) == [early]
+        assert a.chunk_id(early) == v1.chunk_id(early)
+        versions = [p for p in (tmp_path / "cache" / "indexes").glob("*.pages/*") if p.is_dir()]
+        assert len(versions) == 2
+    # offline, the version opened last is the one used
+    offline = load_index(url, options)
+    assert list(offline.covering(v1.span(late)[0], 1)) == [late]
+    assert offline.chunk_id(late) == b.chunk_id(late)
+
+
+def test_old_versions_of_an_index_leave_the_cache(tmp_path: Path) -> None:
+    from cafuse.remoteindex import KEEP_VERSIONS, Pin, _prepare_cache
+
+    pages = tmp_path / "x.pages"
+    dirs = []
+    for n in range(KEEP_VERSIONS + 2):
+        version = _prepare_cache(pages, Pin(100, f'"{n}"', None), b"h", b"t")
+        assert version is not None
+        (version / "0.page").write_bytes(b"p")
+        os.utime(version / "pin.json", (n, n))  # opened in this order
+        dirs.append(version)
+    assert all(d.is_dir() for d in dirs[-KEEP_VERSIONS:])
+    assert not any(d.exists() for d in dirs[:-KEEP_VERSIONS])
+    assert (pages / "current").read_text() == dirs[-1].name
+    # no ETag and no Last-Modified: versions cannot be told apart, nothing is kept
+    assert _prepare_cache(pages, Pin(100, None, None), b"h", b"t") is None
+
+
+def test_a_page_fetched_is_served_when_the_cache_cannot_keep_it(huge, nginx, tmp_path, caplog):
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    table = read_index(root / "big.caibx")
+    cache = tmp_path / "cache"
+    paged = load_index(f"{nginx.url}/big.caibx", RemoteOptions(cache=str(cache)))
+    shutil.rmtree(cache / "indexes")  # (a full disk, a cache removed under the mount)
+    with caplog.at_level("WARNING", logger="cafuse.remoteindex"):
+        for item in (10_000, 20_000, 30_000):
+            assert list(paged.covering(table.span(item)[0], 1)) == [item]
+            assert paged.chunk_id(item) == table.chunk_id(item)
+    warned = [r for r in caplog.records if "cannot keep pages" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_a_second_pass_takes_the_pages_from_the_cache(huge, nginx, tmp_path: Path) -> None:
+    """info twice with one --cache: the second fetches the header and tail, no pages."""
+    from cafuse.maintenance import index_info
+    from cafuse.remoteindex import END_BYTES, FIRST_BYTES
+    from cafuse.resolve import RemoteOptions, load_index
+
+    root, _, _ = huge
+    size = (root / "big.caibx").stat().st_size
+    options = RemoteOptions(cache=str(tmp_path / "cache"))
+    infos, fetched = [], []
+    for _ in range(2):
+        table = load_index(f"{nginx.url}/big.caibx", options)
+        infos.append(index_info(table))
+        fetched.append(table.stats()["bytes_fetched"])
+    assert infos[0] == infos[1] == index_info(read_index(root / "big.caibx"))
+    assert fetched[0] > size // 2
+    assert fetched[1] == FIRST_BYTES + END_BYTES
+
+
+def blocked_page_reader(huge, gate: threading.Event, pages: list[int]):
+    """A reader over the big table whose page reads wait for ``gate``, then fail."""
+    from cafuse.fetch import ChunkSource
+    from cafuse.mount.reader import BlobReader
+    from cafuse.stores.local import LocalStore
+
+    root = huge[0]
+    table = read_index(root / "big.caibx")
+    assert isinstance(table, PagedTable)
+
+    def unreachable(page: int, offset: int, length: int) -> bytes:
+        pages.append(page)
+        gate.wait(30)
+        raise TableError(f"cannot fetch part of index {page}: unreachable")
+
+    table.source.read_page = unreachable  # type: ignore[method-assign]
+    source = ChunkSource(table.digest, [LocalStore(str(root / "default.castr"))])
+    return table, BlobReader(table, source)
+
+
+def test_reads_waiting_for_a_failing_page_fail_together(huge) -> None:
+    """Six reads need one page; its one read fails: all six fail with that error at once,
+    none reads the page again."""
+    import trio
+    import trio.testing
+
+    from cafuse.mount.reader import ReadFailed
+
+    gate = threading.Event()
+    pages: list[int] = []
+    table, reader = blocked_page_reader(huge, gate, pages)
+    far = table.blob_size - 3000
+    failures: list[str] = []
+
+    async def main() -> None:
+        async def read() -> None:
+            with pytest.raises(ReadFailed) as caught:
+                await reader.read(far, 100)
+            failures.append(str(caught.value))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            while not pages:  # the loader's thread has started
+                await trio.sleep(0.001)
+            gate.set()
+
+    trio.run(main)
+    assert len(pages) == 1
+    assert len(failures) == 6 and all("unreachable" in f for f in failures)
+    assert reader.failed_reads == 6
+
+
+def test_a_read_waiting_for_a_page_fails_in_bounded_time(huge) -> None:
+    import trio
+    import trio.testing
+
+    from cafuse.mount.reader import READ_GRACE, ReadFailed
+
+    gate = threading.Event()
+    table, reader = blocked_page_reader(huge, gate, [])
+    bound = reader.timeout + READ_GRACE
+    took: list[float] = []
+
+    async def main() -> None:
+        with trio.fail_after(10 * bound):  # the old code waited forever
+            start = trio.current_time()
+            with pytest.raises(ReadFailed, match="timed out"):
+                await reader.read(table.blob_size - 3000, 100)
+            took.append(trio.current_time() - start)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        gate.set()
+    assert took == [bound]
+    assert reader.failed_reads == 1
+
+
+def test_ids_sharing_their_first_8_bytes_are_distinct(tmp_path: Path) -> None:
+    """An id whose first 8 bytes are another's (a crafted collision costs ~2^32 digests)
+    is still its own chunk for verify and cache: checked, and here reported missing."""
+    from cafuse.chunktable import Batch
+    from cafuse.digest import FLAG_BLAKE3
+    from cafuse.index import IndexWriter
+    from cafuse.maintenance import verify_store
+    from cafuse.stores.local import LocalStore
+    from cafuse.tablepass import DistinctKeys
+
+    chunks = make_chunks(tmp_path / "store", 2, MIN, MAX)
+    twin = chunks.ids[0].copy()
+    twin[8:] ^= 0x5A  # same first 8 bytes as chunk 0, not in the store
+    ids = np.stack([chunks.ids[0], chunks.ids[1], twin, chunks.ids[0], twin])
+    sizes = chunks.sizes[[0, 1, 0, 0, 0]]
+    ends = np.cumsum(sizes, dtype=np.uint64)
+    seen = DistinctKeys()
+    one = seen.first_seen(Batch(0, 0, ends[:2], ids[:2], np.zeros(2, dtype=bool)))
+    rest = seen.first_seen(Batch(2, int(ends[1]), ends[2:], ids[2:], np.zeros(3, dtype=bool)))
+    assert one.tolist() == [0, 1] and rest.tolist() == [0]  # the twin, once
+    together = DistinctKeys().first_seen(Batch(0, 0, ends, ids, np.zeros(5, dtype=bool)))
+    assert together.tolist() == [0, 1, 2]
+    with IndexWriter(tmp_path / "twins.caibx", FLAG_BLAKE3, MIN, AVG, MAX) as writer:
+        writer.append(ends, ids)
+        writer.commit()
+    index = read_index(tmp_path / "twins.caibx")
+    report = verify_store(index, LocalStore(str(tmp_path / "store")), progress=False)
+    assert report.checked == 3
+    assert report.missing == [twin.tobytes()]

@@ -409,9 +409,11 @@ import os, sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # everything the mount needs, imported while still root (the interpreter may live where
 # nobody cannot read), then the privileges go
-import cafuse.cli, cafuse.mount.daemon, cafuse.mount.fs, cafuse.mount.reader  # noqa
-import cafuse.resolve, cafuse.fetch, cafuse.scheduler, cafuse.extract  # noqa
-import pyfuse3, trio, numpy, zstandard, blake3, logging.handlers  # noqa
+import importlib, pkgutil, cafuse  # noqa
+for module in pkgutil.walk_packages(cafuse.__path__, "cafuse."):
+    if module.name != "cafuse.__main__":  # that one runs the command line
+        importlib.import_module(module.name)
+import pyfuse3, trio, numpy, zstandard, blake3, obstore, logging.handlers  # noqa
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)

@@ -273,7 +273,7 @@ def collect_garbage(
     ids' first 8 bytes: a key collision can only keep an unreferenced chunk, never delete
     a referenced one.
     """
-    referenced = DistinctKeys()  # exact: a chunk is deleted only when no index names it
+    referenced = DistinctKeys(narrow=True)  # exact: a chunk is deleted only when no index names it
     for index in indexes:
         for batch in index.batches(whole_table_step(index)):
             referenced.first_seen(batch)

@@ -264,7 +264,7 @@ class ChunkPlan:
         from .tablepass import DistinctKeys
 
         index = self.index
-        seen = DistinctKeys(cap=self.distinct_cap)
+        seen = DistinctKeys(cap=self.distinct_cap, narrow=True)  # 8 bytes: a prefetch hint
         pending: list[tuple[bytes, int]] = []
         pending_bytes = 0
 

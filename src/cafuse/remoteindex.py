@@ -10,8 +10,15 @@ later request (``If-Match``, else ``If-Unmodified-Since``) and are compared with
 answer, so an index replaced on the server fails the reads that need a new page with one
 clear message, instead of mixing two versions.
 
-With ``--cache`` every page fetched is also kept under ``<cache>/indexes/<hash>.pages/``
-with the pin, so a mount of the same URL works offline afterwards for the pages read before.
+With ``--cache`` every page fetched is also kept under
+``<cache>/indexes/<hash of URL>.pages/<hash of pin>/`` with the pin, so a mount of the same
+URL works offline afterwards for the pages read before. Each version has its own directory:
+two processes sharing a cache while pinned to different versions (a mount, and ``cafuse
+info`` after the index was replaced) never read each other's pages. The newest
+``KEEP_VERSIONS`` versions of a URL are kept; an older one is removed when a newer one is
+opened (a process still pinned to it then fetches its pages again, or fails them offline).
+A pass over the table (``batches``) takes the pages it finds there and fetches only the
+others, in large ranged requests.
 
 A server that ignores Range (answers 200 with the whole file) is tolerated for indexes up
 to ``RANGELESS_MAX_BYTES``, fetched whole; a larger one is refused with what to do.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -48,6 +56,8 @@ FIRST_BYTES = ITEMS_OFFSET + PAGE_BYTES  # header + page 0: one request
 END_BYTES = ITEM_SIZE + TAIL_SIZE  # the last item and the tail
 REMOTE_PAGE_CACHE = 1024  # pages kept in memory: 16 MiB
 RANGELESS_MAX_BYTES = 64 << 20  # fetched whole from a server that ignores Range
+KEEP_VERSIONS = 3  # versions of one index URL whose pages --cache keeps
+CURRENT = "current"  # names the version opened last (what an offline open uses)
 
 
 class RangeIgnored(Exception):
@@ -190,6 +200,7 @@ class RemotePages:
         self.cache = cache
         self.name = name
         self._first = first  # page 0, fetched with the header
+        self._keep_failed = False  # warned once that pages cannot be kept
 
     def read_page(self, page: int, offset: int, length: int) -> bytes:
         if page == 0 and self._first is not None and len(self._first) >= offset + length:
@@ -197,65 +208,95 @@ class RemotePages:
             self._first = None
             self._keep(page, data)
             return data
-        if self.cache is not None:
-            with contextlib.suppress(OSError):
-                data = (self.cache / f"{page}.page").read_bytes()
-                if len(data) == length:
-                    return data
-        data = self.read_range(offset, length)
+        cached = self._cached(page, length)
+        if cached is not None:
+            return cached
+        if self.remote is None:
+            raise TableError(f"{self.name}: offline, and this part of the index is not cached")
+        data = self._fetch(offset, offset + length)
         self._keep(page, data)
         return data
 
     def read_range(self, offset: int, length: int) -> bytes:
+        """A range of the table (a pass over it): the pages the cache holds, the others
+        fetched in as few ranged requests as there are runs of missing pages (and kept)."""
+        end = offset + length
+        items_end = self.size - TAIL_SIZE
+        parts: list[bytes] = []
+        missing_from: int | None = None  # the start of a run of pages not cached
+
+        def fetch_run(upto: int) -> None:
+            assert missing_from is not None
+            data = self._fetch(missing_from, upto)
+            self._keep_pages(missing_from, data)
+            parts.append(data)
+
+        page = (offset - ITEMS_OFFSET) // PAGE_BYTES
+        lo = ITEMS_OFFSET + page * PAGE_BYTES
+        while lo < end:
+            hi = min(lo + PAGE_BYTES, items_end)
+            cached = self._cached(page, hi - lo)
+            if cached is None:
+                if missing_from is None:
+                    missing_from = max(lo, offset)
+            else:
+                if missing_from is not None:
+                    fetch_run(lo)
+                    missing_from = None
+                parts.append(cached[max(offset, lo) - lo : min(end, hi) - lo])
+            page, lo = page + 1, hi
+        if missing_from is not None:
+            fetch_run(end)
+        return b"".join(parts)
+
+    def _fetch(self, start: int, end: int) -> bytes:
         if self.remote is None:
-            return self._cached_range(offset, length)
+            raise TableError(f"{self.name}: offline, and this part of the index is not cached")
         try:
-            data, _ = self.remote.get(offset, offset + length)
+            data, _ = self.remote.get(start, end)
         except StoreError as exc:
             raise TableError(f"cannot fetch part of index {self.name}: {exc}") from None
         except RangeIgnored:
             raise TableError(f"{self.name}: the server stopped honouring Range") from None
-        if self.cache is not None and length > PAGE_BYTES:
-            # a pass over the table (cache, extract): keep the whole pages it covers too,
-            # so that a mount of this URL later has every page offline
-            items_end = self.size - TAIL_SIZE
-            page = -(-(offset - ITEMS_OFFSET) // PAGE_BYTES)  # the first starting in range
-            while True:
-                lo = ITEMS_OFFSET + page * PAGE_BYTES
-                hi = min(lo + PAGE_BYTES, items_end)
-                if lo >= hi or hi > offset + length:
-                    break
-                self._keep(page, data[lo - offset : hi - offset])
-                page += 1
         return data
 
-    def _cached_range(self, offset: int, length: int) -> bytes:
-        """Offline: a range assembled from cached pages, if they are all there."""
-        parts = []
-        end = offset + length
-        page = (offset - ITEMS_OFFSET) // PAGE_BYTES
-        while offset < end:
+    def _keep_pages(self, offset: int, data: bytes) -> None:
+        """Keep the whole pages inside ``data`` (the table from ``offset``)."""
+        if self.cache is None:
+            return
+        items_end = self.size - TAIL_SIZE
+        page = -(-(offset - ITEMS_OFFSET) // PAGE_BYTES)  # the first starting in range
+        while True:
             lo = ITEMS_OFFSET + page * PAGE_BYTES
-            try:
-                data = (self.cache / f"{page}.page").read_bytes() if self.cache else b""
-            except OSError:
-                data = b""
-            if not data:
-                raise TableError(f"{self.name}: offline, and this part of the index is not cached")
-            parts.append(data[offset - lo : end - lo])
-            offset = lo + len(data)
+            hi = min(lo + PAGE_BYTES, items_end)
+            if lo >= hi or hi > offset + len(data):
+                break
+            self._keep(page, data[lo - offset : hi - offset])
             page += 1
-        return b"".join(parts)
+
+    def _cached(self, page: int, length: int) -> bytes | None:
+        """Page ``page`` from the cache (this version's directory), if it is there whole."""
+        if self.cache is None:
+            return None
+        try:
+            data = (self.cache / f"{page}.page").read_bytes()
+        except OSError:
+            return None
+        return data if len(data) == length else None
 
     def _keep(self, page: int, data: bytes) -> None:
+        """Keep a page in the cache; failing to is a warning (once), never a failed read."""
         if self.cache is None:
             return
         try:
             file = AtomicFile(self.cache / f"{page}.page")
             file.write(data)
             file.commit()
-        except OSError as exc:
-            log.warning("cache: cannot keep a page of index %s: %s", self.name, exc.strerror)
+        except (OSError, CafuseError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            level = logging.DEBUG if self._keep_failed else logging.WARNING
+            self._keep_failed = True
+            log.log(level, "cache: cannot keep pages of index %s: %s", self.name, why)
 
     def done_with(self, offset: int, length: int) -> None:
         pass
@@ -299,7 +340,7 @@ def open_remote_index(
     header = parse_header(head, tail, size, display)
     blob = last_end(tail, len(tail), header, display)
     if pages_dir is not None:
-        _prepare_cache(pages_dir, pin, head[:ITEMS_OFFSET], tail)
+        pages_dir = _prepare_cache(pages_dir, pin, head[:ITEMS_OFFSET], tail)
     log.info(
         "index %s: %d chunks, %s of table read by pages as needed",
         display,
@@ -333,42 +374,81 @@ def _rangeless(remote: RemoteIndex) -> ChunkTable:
     return parse_index(data, remote.name)
 
 
-def _prepare_cache(pages_dir: Path, pin: Pin, head: bytes, tail: bytes) -> None:
-    """Keep header, tail and pin beside the pages; pages of another version are dropped."""
+def _version_name(pin: Pin) -> str:
+    return hashlib.sha256(json.dumps(asdict(pin), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _prepare_cache(pages_dir: Path, pin: Pin, head: bytes, tail: bytes) -> Path | None:
+    """The directory for the pages of this version (header, tail and pin kept beside
+    them), made the ``current`` one; versions past the newest ``KEEP_VERSIONS`` are removed.
+    None when the pin cannot tell versions apart (no ETag, no Last-Modified): such pages
+    are not kept, as they could not be told from another version's of the same length."""
+    if pin.etag is None and pin.last_modified is None:
+        log.info("index pages not kept in the cache: the server sends no ETag or Last-Modified")
+        return None
+    version = pages_dir / _version_name(pin)
     try:
-        known = json.loads((pages_dir / "pin.json").read_text())
-    except (OSError, ValueError):
-        known = None
-    try:
-        if known is not None and known != asdict(pin):
-            shutil.rmtree(pages_dir, ignore_errors=True)
-        pages_dir.mkdir(parents=True, exist_ok=True)
-        for file_name, data in (
-            ("head", head),
-            ("tail", tail),
-            ("pin.json", json.dumps(asdict(pin)).encode()),
+        version.mkdir(parents=True, exist_ok=True)
+        for directory, file_name, data in (
+            (version, "head", head),
+            (version, "tail", tail),
+            (version, "pin.json", json.dumps(asdict(pin)).encode()),  # last: its mtime ranks
+            (pages_dir, CURRENT, version.name.encode()),
         ):
-            file = AtomicFile(pages_dir / file_name)
+            file = AtomicFile(directory / file_name)
             file.write(data)
             file.commit()
     except OSError as exc:
         raise CafuseError(f"cache {pages_dir.parent}: cannot write: {exc.strerror}") from None
+    _drop_old_versions(pages_dir, version)
+    return version
+
+
+def _drop_old_versions(pages_dir: Path, keep: Path) -> None:
+    """Remove the versions past the newest ``KEEP_VERSIONS`` (by when each was last
+    opened), and pages of the layout before versions (directly in ``pages_dir``). A
+    process still pinned to a removed version finds no page there: it fetches them again
+    (its pin checked) or fails them offline, never reads another version's."""
+
+    def opened(directory: Path) -> float:
+        try:
+            return (directory / "pin.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    try:
+        entries = list(pages_dir.iterdir())
+    except OSError:
+        return
+    versions = sorted((e for e in entries if e.is_dir() and e != keep), key=opened, reverse=True)
+    for old in versions[KEEP_VERSIONS - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+    for entry in entries:  # the layout before versions had one version's files here
+        if entry.is_file() and (
+            entry.suffix == ".page" or entry.name in ("head", "tail", "pin.json")
+        ):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _open_cached(pages_dir: Path, display: str) -> ChunkTable | None:
-    """The table from the cache alone (offline): pages read before are there."""
+    """The table from the cache alone (offline): the version opened last, with the pages
+    read before."""
     try:
-        pin = Pin(**json.loads((pages_dir / "pin.json").read_text()))
-        head = (pages_dir / "head").read_bytes()
-        tail = (pages_dir / "tail").read_bytes()
+        version = pages_dir / (pages_dir / CURRENT).read_text().strip()
+        pin = Pin(**json.loads((version / "pin.json").read_text()))
+        head = (version / "head").read_bytes()
+        tail = (version / "tail").read_bytes()
     except (OSError, ValueError, TypeError):
+        return None
+    if version.name != _version_name(pin):
         return None
     header = parse_header(head, tail, pin.size, display)
     blob = last_end(tail, len(tail), header, display)
     return PagedTable(
         header,
         blob,
-        RemotePages(None, pages_dir, display, None, pin.size),
+        RemotePages(None, version, display, None, pin.size),
         page_items=REMOTE_PAGE_ITEMS,
         cache_pages=REMOTE_PAGE_CACHE,
     )

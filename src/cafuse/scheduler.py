@@ -37,6 +37,7 @@ import trio
 
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
+from .stores.health import OPEN
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ HEDGE_FACTOR = 3.0  # a read's request unanswered after 3x the p95 latency gets 
 HEDGE_MIN = 0.05
 HEDGE_SLOTS = 4
 HEDGE_BUDGET = 0.1  # hedges per remote fetch, at most: a loaded store must not get more load
+SILENT_AFTER = 1.0  # a store asked and silent this long holds back more remote workers
 
 
 class Priority(IntEnum):
@@ -115,8 +117,11 @@ class FetchScheduler:
         timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         hedge: bool = True,
+        max_remote_slots: int | None = None,
+        on_fetched: Callable[[int, float], None] | None = None,
     ) -> None:
         self.source = source
+        self.on_fetched = on_fetched  # (chunk size, seconds) of each good remote fetch
         self.hedge = hedge and source.has_remote
         self._hedge_after: float | None = None
         self._since_hedge_refresh = 0
@@ -132,6 +137,7 @@ class FetchScheduler:
         # background fill that only fills the disk cache)
         self.deliver_for: dict[Priority, Callable[[bytes, bytes], None] | None] = {}
         self.remote_slots = max(1, remote_slots)
+        self.max_remote_slots = max(self.remote_slots, max_remote_slots or self.remote_slots)
         self.reserved = min(
             self.remote_slots, reserved if reserved is not None else max(1, remote_slots // 4)
         )
@@ -165,6 +171,30 @@ class FetchScheduler:
                     nursery.start_soon(self._remote_worker, k < self.reserved)
             task_status.started()
             await trio.sleep_forever()
+
+    def want_remote_slots(self, slots: int) -> None:
+        """Start more remote workers, up to ``max_remote_slots``: the readahead window of
+        a long fat link needs more chunks in flight than a local network (never shrinks:
+        an idle worker is a parked task, no thread)."""
+        slots = min(slots, self.max_remote_slots)
+        if slots <= self.remote_slots or self._nursery is None or not self.source.has_remote:
+            return
+        if not self._stores_answering():
+            return
+        for _ in range(slots - self.remote_slots):
+            self._nursery.start_soon(self._remote_worker, False)
+        self.remote_slots = slots
+        self._remote_limiter.total_tokens = slots * 4
+
+    def _stores_answering(self) -> bool:
+        """No store being asked has gone quiet: one that accepts requests and never
+        answers must not get a larger wave of them before its breaker opens."""
+        for health in getattr(self.source.router, "health", {}).values():
+            if health.state == OPEN or not health.requests:
+                continue
+            if health.clock() - health.last_answer > SILENT_AFTER:
+                return False
+        return True
 
     def close(self, reason: str = "the mount is shutting down") -> None:
         """Fail every pending flight at once (reads get EIO) and refuse new ones."""
@@ -315,6 +345,7 @@ class FetchScheduler:
         cancels: list[threading.Event] = []
         data: bytes | None = None
         error: Exception | None = None
+        started = self.clock()
 
         async def attempt(which: int, limiter: trio.CapacityLimiter) -> None:
             cancel = threading.Event()
@@ -364,6 +395,8 @@ class FetchScheduler:
                         break
                 nursery.cancel_scope.cancel()
             self.fetched[priority] += int(data is not None)
+            if data is not None and self.on_fetched is not None:
+                self.on_fetched(flight.size, self.clock() - started)
         finally:
             for cancel in cancels:
                 cancel.set()

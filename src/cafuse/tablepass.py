@@ -2,13 +2,15 @@
 which ids were seen (``DistinctKeys``), the first occurrences per batch
 (``distinct_batches``), chunk length percentiles (``SizeHistogram``).
 
-``DistinctKeys`` carries the ids seen so far, by their first 8 bytes, from one batch to
-the next. It holds sorted runs of keys that are merged when two reach the same size (as a
-log-structured merge does), so adding a batch costs about its own size and a lookup a few
-binary searches. Memory is 8 bytes per distinct id, stopping at ``cap`` ids when one is
-given (the caller is told: past it an id may be taken for new twice). A key collision
-between two different ids can only make one look seen: callers that delete use the set
-to keep, never to drop.
+``DistinctKeys`` carries the ids seen so far from one batch to the next, by their first 16
+bytes (two uint64 keys: a lookup by the first, the second compared on a hit). It holds
+sorted runs of keys that are merged when two reach the same size (as a log-structured
+merge does), so adding a batch costs about its own size and a lookup a few binary searches.
+Memory is 16 bytes per distinct id, stopping at ``cap`` ids when one is given (the caller
+is told: past it an id may be taken for new twice). Two ids are taken for one only when
+their first 16 bytes are equal: finding such a pair takes about 2^64 digests, so a crafted
+chunk cannot hide behind another one from ``verify`` or ``cache``. ``narrow`` keeps the
+first 8 bytes only (8 bytes per id: gc, whose collisions can only keep a chunk).
 """
 
 from __future__ import annotations
@@ -19,57 +21,114 @@ import numpy as np
 
 from .chunktable import Batch, ChunkTable, whole_table_step
 
-INFO_DISTINCT_CAP = 8 << 20  # distinct ids remembered by info/verify/cache: 64 MB of keys
+INFO_DISTINCT_CAP = 8 << 20  # distinct ids remembered by info/verify/cache: 128 MB of keys
+
+
+def _empty() -> np.ndarray:
+    return np.empty(0, dtype="<u8")
 
 
 class DistinctKeys:
-    def __init__(self, cap: int | None = None) -> None:
+    def __init__(self, cap: int | None = None, *, narrow: bool = False) -> None:
         self.cap = cap
+        self.narrow = narrow
         self.count = 0
         self.full = False  # the cap was reached: later ids are not remembered
-        self._runs: list[np.ndarray] = []
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (first keys, second keys)
 
-    def seen(self, keys: np.ndarray) -> np.ndarray:
-        """For sorted unique ``keys``: which are in the set."""
+    def keys(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """The two keys of every id of ``batch`` (the second empty when ``narrow``)."""
+        first = batch.id_keys()
+        if self.narrow:
+            return first, _empty()
+        second = np.ascontiguousarray(batch.ids[:, 8:16]).view("<u8").reshape(-1)
+        return first, second
+
+    def seen(self, keys: np.ndarray, second: np.ndarray | None = None) -> np.ndarray:
+        """For ``keys`` sorted (and unique with ``second``): which are in the set."""
         hit = np.zeros(len(keys), dtype=bool)
-        for run in self._runs:
+        for run, run_second in self._runs:
             pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            hit |= run[pos] == keys
+            same = run[pos] == keys
+            if second is None or self.narrow:
+                hit |= same
+                continue
+            exact = same & (run_second[pos] == second)
+            hit |= exact
+            # first keys equal, second not: a collision of 8 bytes (rare), or the run has
+            # several ids with that first key; all of them decide
+            for j in np.flatnonzero(same & ~exact):
+                lo, hi = (
+                    np.searchsorted(run, keys[j], "left"),
+                    np.searchsorted(run, keys[j], "right"),
+                )
+                hit[j] |= bool((run_second[lo:hi] == second[j]).any())
         return hit
 
-    def add(self, keys: np.ndarray) -> None:
-        """Add sorted unique keys not in the set yet."""
+    def add(self, keys: np.ndarray, second: np.ndarray | None = None) -> None:
+        """Add keys not in the set yet (sorted; unique with ``second``)."""
         if not len(keys):
             return
+        if self.narrow:
+            second = _empty()
+        elif second is None:
+            second = np.zeros(len(keys), dtype="<u8")
         if self.cap is not None and self.count + len(keys) > self.cap:
             self.full = True
-            keys = keys[: max(self.cap - self.count, 0)]
+            room = max(self.cap - self.count, 0)
+            keys, second = keys[:room], second[:room]
             if not len(keys):
                 return
         self.count += len(keys)
-        run = keys
-        while self._runs and len(self._runs[-1]) <= len(run):
-            run = np.sort(np.concatenate([self._runs.pop(), run]), kind="mergesort")
+        run = (keys, second)
+        while self._runs and len(self._runs[-1][0]) <= len(run[0]):
+            run = _merge(self._runs.pop(), run)
         self._runs.append(run)
 
     def first_seen(self, batch: Batch, mask: np.ndarray | None = None) -> np.ndarray:
         """Batch-relative positions (ascending) of the chunks whose id appears for the
         first time in the pass, among those ``mask`` selects; they are added to the set."""
-        keys = batch.id_keys()
-        selected = np.arange(len(keys)) if mask is None else np.flatnonzero(mask)
-        unique, first = np.unique(keys[selected], return_index=True)
-        new = ~self.seen(unique)
-        self.add(unique[new])
-        return np.sort(selected[first[new]])
+        first, second = self.keys(batch)
+        selected = np.arange(len(first)) if mask is None else np.flatnonzero(mask)
+        first = first[selected]
+        if self.narrow:
+            unique, at = np.unique(first, return_index=True)
+            unique_second = _empty()
+        else:
+            second = second[selected]
+            order = np.argsort(first, kind="stable")  # the first of equal ids first
+            a, b = first[order], second[order]
+            starts = np.ones(len(a), dtype=bool)
+            starts[1:] = a[1:] != a[:-1]
+            group_second = b[starts][np.cumsum(starts) - 1]
+            for k in np.flatnonzero(b != group_second):  # 8-byte collisions: rare
+                lo = int(np.searchsorted(a, a[k]))
+                starts[k] = not (b[lo:k] == b[k]).any()
+            unique, unique_second, at = a[starts], b[starts], order[starts]
+        new = ~self.seen(unique, None if self.narrow else unique_second)
+        self.add(unique[new], None if self.narrow else unique_second[new])
+        return np.sort(selected[at[new]])
 
     def sorted_keys(self) -> np.ndarray:
-        """Every key in the set, sorted (one array: for a final lookup table)."""
+        """Every first key in the set, sorted and unique (for a final lookup table)."""
         if not self._runs:
-            return np.empty(0, dtype="<u8")
+            return _empty()
         while len(self._runs) > 1:
             b, a = self._runs.pop(), self._runs.pop()
-            self._runs.append(np.sort(np.concatenate([a, b]), kind="mergesort"))
-        return self._runs[0]
+            self._runs.append(_merge(a, b))
+        keys = self._runs[0][0]
+        return keys if self.narrow else np.unique(keys)
+
+
+def _merge(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs as one, sorted by first key (ids equal in it in no particular order)."""
+    first = np.concatenate([a[0], b[0]])
+    if not len(a[1]) and not len(b[1]):  # narrow
+        return np.sort(first, kind="mergesort"), _empty()
+    order = np.argsort(first, kind="mergesort")
+    return first[order], np.concatenate([a[1], b[1]])[order]
 
 
 class SizeHistogram:

@@ -53,9 +53,52 @@ def _options_from_args(args: argparse.Namespace) -> MountOptions:
     _profile_options(args, opts)
     if args.allow_other:
         opts.fuse_options.add("allow_other")
+    _throughput_options(args, opts)
     if "/" in opts.file_name or opts.file_name in ("", ".", ".."):
         raise CafuseError(f"bad --name {opts.file_name!r}: give a plain file name")
     return opts
+
+
+def _print_readahead(readahead: dict | None) -> None:
+    """The readahead window and bytes in flight of each stream (issue 11)."""
+    if not readahead:
+        return
+    latency = readahead.get("min_latency_ms")
+    print(
+        f"readahead: {format_size(readahead['ahead_bytes'])} ahead of "
+        f"{format_size(readahead['budget'])}"
+        + (f", shortest remote fetch {latency} ms" if latency is not None else "")
+    )
+    for stream, state in sorted(readahead["streams"].items(), key=lambda kv: int(kv[0])):
+        print(
+            f"  stream {stream}: window {format_size(state['window'])}, "
+            f"{format_size(state['in_flight'])} in flight, {state['phase']}, "
+            f"{state['rate_mbps']} MB/s"
+        )
+
+
+def _throughput_options(args: argparse.Namespace, opts: MountOptions) -> None:
+    """Readahead memory and remote fetches in flight (issue 11)."""
+    if args.readahead_memory:
+        opts.readahead_memory = parse_size(args.readahead_memory, "--readahead-memory")
+    if args.max_concurrency:
+        opts.max_concurrency = args.max_concurrency
+
+
+def _add_throughput_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--readahead-memory",
+        metavar="SIZE",
+        help="bytes fetched ahead of all sequential readers together, shared fairly "
+        "(default: a quarter of --memory-cache)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=count(1),
+        metavar="N",
+        help="most remote chunk fetches in flight when a long fat link needs a large "
+        "readahead window (default 8 x --concurrency)",
+    )
 
 
 def _profile_options(args: argparse.Namespace, opts: MountOptions) -> None:
@@ -204,6 +247,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"fetching: {fetching or 'none'}; {sched['remote_slots']} remote slots, "
             f"{sched['reserved_for_reads']} kept for reads"
         )
+    _print_readahead(stats.get("readahead"))
     from .boot import stats_lines
 
     for line in stats_lines(stats):
@@ -254,6 +298,7 @@ def add_mount_commands(sub: argparse._SubParsersAction) -> None:
         help="remote chunk fetches in flight; a quarter serve reads only "
         f"(default: {defaults.REMOTE_CONCURRENCY})",
     )
+    _add_throughput_arguments(p)
     p.add_argument("--name", help="file name inside the mount (default: the index's name)")
     p.add_argument(
         "--allow-other",

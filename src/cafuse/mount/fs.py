@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -27,13 +28,26 @@ PROFILE_XATTR_PREFIX = XATTR_PREFIX.encode()
 
 
 class BlobFS(pyfuse3.Operations):
-    def __init__(self, reader: BlobReader, name: str, mtime_ns: int) -> None:
+    def __init__(
+        self,
+        reader: BlobReader,
+        name: str,
+        mtime_ns: int,
+        after_init: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.reader = reader
         self.name = name.encode()
         self.mtime_ns = mtime_ns
         self._handles = itertools.count(1)
         self.recorder = None  # a profile.Recorder: its pages are xattrs of the file
+        self.after_init = after_init
+
+    def init(self) -> None:
+        # called while libfuse handles the kernel's INIT, before its reply: run the hook
+        # on the loop's next turn, once the reply is written
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()

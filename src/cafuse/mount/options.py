@@ -69,6 +69,22 @@ class MountOptions:
     no_profile: bool = False
     record_profile: str | None = None
     fill_rate: int | None = None
+    # throughput (issue 11): None = derived from memory_cache / concurrency
+    readahead_memory: int | None = None
+    max_concurrency: int | None = None
+
+    def check_throughput(self) -> None:
+        """Readahead that does not fit in the memory cache would evict itself."""
+        if self.readahead_memory is not None and self.readahead_memory > self.memory_cache // 2:
+            raise CafuseError(
+                f"readahead memory {self.readahead_memory} is more than half the memory cache "
+                f"({self.memory_cache}): lower --readahead-memory or raise --memory-cache"
+            )
+        if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
+            raise CafuseError(
+                f"--max-concurrency {self.max_concurrency} is below --concurrency "
+                f"{self.concurrency}: raise it, or lower --concurrency"
+            )
 
     @property
     def file_name(self) -> str:
@@ -122,6 +138,13 @@ SETTERS: dict[str, Callable[[MountOptions, str], None]] = {
     "profile": lambda o, v: setattr(o, "profile", v),
     "record_profile": lambda o, v: setattr(o, "record_profile", v),
     "fill_rate": lambda o, v: setattr(o, "fill_rate", parse_size(v, "fill_rate")),
+    # throughput (issue 11)
+    "readahead_memory": lambda o, v: setattr(
+        o, "readahead_memory", parse_size(v, "readahead_memory")
+    ),
+    "max_concurrency": lambda o, v: setattr(
+        o, "max_concurrency", _whole(v, "max_concurrency", minimum=1)
+    ),
 }
 
 

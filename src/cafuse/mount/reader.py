@@ -4,8 +4,8 @@ A read is resolved through the index's end offsets to the chunks covering it. Ea
 comes from a bounded in-memory LRU of decompressed chunks, or through the fetch scheduler
 (one fetch per chunk id, however many reads wait for it; local sources first, then the
 remote stores by priority). Zero chunks are served without a fetch. When a stream of reads
-is sequential, the chunks ahead of it are requested at readahead priority, in a window
-that doubles while the pattern holds.
+is sequential, the chunks ahead of it are requested at readahead priority, in a window the
+readahead policy (readahead.py) sizes to the link; the remote workers follow the window.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from ..chunktable import ChunkTable, PageMissing
 from ..errors import CafuseError, ChunkUnavailable
 from ..fetch import ChunkSource
 from ..scheduler import FetchScheduler, Flight, Priority, ShuttingDown
+from .readahead import Readahead
 
 log = logging.getLogger(__name__)
 
 
-SEQUENTIAL_THRESHOLD = 512 << 10
-REORDER_SLACK = 1 << 20
 READ_GRACE = 5.0  # a read waits this much past its chunks' deadline before it gives up
 
 
@@ -37,13 +36,11 @@ class ReadFailed(CafuseError):
 
 
 @dataclass
-class _Stream:
-    """Readahead state of one open file handle."""
+class _PageLoad:
+    """A table page being read: the reads that need it wait for ``done``."""
 
-    next_offset: int = -1
-    run_bytes: int = 0  # read in sequence so far
-    window: int = 0
-    ahead_until: int = 0  # chunk index up to which readahead was already started
+    done: trio.Event
+    error: CafuseError | None = None  # why it failed: every waiter fails with it
 
 
 class ChunkCache:
@@ -97,7 +94,14 @@ class BlobReader:
         local_threads: int = 2,
         batch: int = 8,
         hedge: bool = True,
+        readahead_memory: int | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
+        """``readahead``: chunks the window of a sequential stream doubles to at once (0:
+        no readahead); beyond that it grows while the read rate does, all streams sharing
+        ``readahead_memory`` bytes ahead (default a quarter of ``memory_cache``). Remote
+        fetches in flight grow from ``concurrency`` with the window, up to
+        ``max_concurrency`` (default 8 x ``concurrency``)."""
         self.index = index
         self.source = source
         self.stats = source.stats
@@ -111,11 +115,22 @@ class BlobReader:
             local_slots=local_threads,
             local_batch=batch,
             hedge=hedge,
+            max_remote_slots=max_concurrency or 8 * concurrency,
+            on_fetched=self._fetched,
         )
-        self._page_loads: dict[int, trio.Event] = {}  # table pages being read, by page
+        self._avg_chunk = max(1, index.blob_size // max(1, index.chunk_count))
+        self.readahead_policy = Readahead(
+            index.blob_size,
+            budget=(memory_cache // 4 if readahead_memory is None else readahead_memory)
+            if readahead
+            else 0,
+            initial=2 * index.chunk_max,
+            quick=readahead * self._avg_chunk,
+            align=self._chunk_start,
+        )
+        self._page_loads: dict[int, _PageLoad] = {}  # table pages being read, by page
         self._page_limiter = trio.CapacityLimiter(4)
         self._zeros = memoryview(bytes(index.chunk_max))
-        self._streams: dict[int, _Stream] = {}
         self._waiting_reads = 0
         self._no_waiting_reads = trio.Event()
         self.served_bytes = 0
@@ -167,7 +182,7 @@ class BlobReader:
         end = min(offset + size, self.size)
         first, last = chunks.start, chunks.stop - 1
         if stream is not None and self.readahead:
-            self._plan_readahead(stream, offset, end - offset, last + 1)
+            self._plan_readahead(stream, offset, end - offset, self.index.span(last)[1])
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
@@ -203,13 +218,21 @@ class BlobReader:
 
     async def _covering(self, offset: int, size: int) -> range:
         """The chunks covering a read; table pages not in memory yet are read in a thread
-        first (one read per page, however many reads wait for it)."""
+        first (one read per page, however many reads wait for it), within the read's
+        deadline."""
         try:
-            while True:
-                try:
-                    return self.index.covering(offset, size, wait=False)
-                except PageMissing as miss:
-                    await self._load_page(miss.page)
+            with trio.fail_after(self.timeout + READ_GRACE):
+                while True:
+                    try:
+                        return self.index.covering(offset, size, wait=False)
+                    except PageMissing as miss:
+                        await self._load_page(miss.page)
+        except trio.TooSlowError:
+            self.failed_reads += 1
+            self.stats.error("timeout")
+            msg = f"read of {size} bytes at {offset} timed out after {self.timeout:g} s"
+            log.error("%s (reading a page of the index)", msg)
+            raise ReadFailed(msg) from None
         except CafuseError as exc:  # a broken or changed table, or one not fetched
             self.failed_reads += 1
             # a broken page is named once; the reads that hit it again fail quietly
@@ -220,18 +243,25 @@ class BlobReader:
             raise ReadFailed(str(exc)) from None
 
     async def _load_page(self, page: int) -> None:
+        """Read table page ``page`` in a thread; the reads that ask meanwhile wait for
+        that one read and share its outcome: its error fails them all at once."""
         loading = self._page_loads.get(page)
         if loading is not None:
-            await loading.wait()  # then the caller asks again (and reads it, had it failed)
-            return
-        done = self._page_loads[page] = trio.Event()
+            await loading.done.wait()
+            if loading.error is not None:
+                raise loading.error
+            return  # loaded (or its loader was cancelled): the caller asks again
+        loading = self._page_loads[page] = _PageLoad(trio.Event())
         try:
             await trio.to_thread.run_sync(
                 self.index.load_page, page, limiter=self._page_limiter, abandon_on_cancel=True
             )
+        except CafuseError as exc:
+            loading.error = exc
+            raise
         finally:
             del self._page_loads[page]
-            done.set()
+            loading.done.set()
 
     async def _await_fetches(
         self,
@@ -277,36 +307,39 @@ class BlobReader:
 
     # ------------------------------------------------------------------ readahead
 
-    def _plan_readahead(self, stream: int, offset: int, size: int, next_chunk: int) -> None:
-        state = self._streams.setdefault(stream, _Stream())
-        # the kernel keeps several requests of one sequential reader in flight, and they can
-        # arrive slightly out of order: count a read near the stream's front as sequential
-        sequential = abs(offset - state.next_offset) <= REORDER_SLACK
-        state.next_offset = max(state.next_offset, offset + size) if sequential else offset + size
-        state.run_bytes = state.run_bytes + size if sequential else size
-        if state.run_bytes < SEQUENTIAL_THRESHOLD:
-            # the kernel's own readahead makes a few consecutive requests after any read;
-            # only a longer run is a sequential reader worth fetching ahead for
-            state.window = 0
-            state.ahead_until = next_chunk
+    def _chunk_start(self, offset: int) -> int:
+        """The start of the chunk holding byte ``offset``: readahead ends on a boundary
+        (0, so no readahead now, when that part of the table is not read yet)."""
+        try:
+            return self.index.span(self.index.covering(offset, 1, wait=False).start)[0]
+        except PageMissing:
+            return 0
+
+    def _fetched(self, size: int, seconds: float) -> None:
+        self.readahead_policy.observe_latency(seconds)
+
+    def _plan_readahead(self, stream: int, offset: int, size: int, covered_end: int) -> None:
+        ahead = self.readahead_policy.on_read(stream, offset, size, covered_end)
+        if ahead is None:
             return
-        state.window = min(max(2, state.window * 2), self.readahead)
-        first = max(next_chunk, state.ahead_until)
-        last = min(next_chunk + state.window, self.index.chunk_count)
+        start, end = ahead
         wanted: list[tuple[bytes, int]] = []
-        for i in range(first, last):
-            if not self.index.resident(i):  # its table page is not read yet: the next read
-                last = i  # that needs it reads it
-                break
+        try:
+            chunks = self.index.covering(start, end - start, wait=False)
+        except PageMissing:  # not read yet: those chunks are fetched when a read needs them
+            return
+        for i in chunks:
             if self.index.is_zero(i):
                 continue
             chunk_id = self.index.chunk_id(i)
             if chunk_id not in self.cache and not self.scheduler.pending(chunk_id):
-                start, stop = self.index.span(i)
-                wanted.append((chunk_id, stop - start))
+                lo, hi = self.index.span(i)
+                wanted.append((chunk_id, hi - lo))
         if wanted:
             self.scheduler.request(wanted, Priority.READAHEAD)
-        state.ahead_until = max(state.ahead_until, last)
+            if self.source.has_remote:
+                chunks = -(-self.readahead_policy.total_ahead // self._avg_chunk)
+                self.scheduler.want_remote_slots(chunks + self.scheduler.reserved)
 
     @property
     def waiting_reads(self) -> int:
@@ -319,7 +352,7 @@ class BlobReader:
         return self.index.is_zero(i)
 
     def forget_stream(self, stream: int) -> None:
-        self._streams.pop(stream, None)
+        self.readahead_policy.forget(stream)
 
     # ------------------------------------------------------------------ stats
 
@@ -342,6 +375,7 @@ class BlobReader:
         snap["scheduler"] = self.scheduler.snapshot()
         snap["stores"] = self.source.store_stats()
         snap["in_flight"] = snap["scheduler"]["pending"]
+        snap["readahead"] = self.readahead_policy.snapshot()
         for name, section in self.extra_stats.items():
             snap[name] = section()
         return snap

@@ -167,13 +167,18 @@ class BlobReader:
         no cancel scope, no nursery. Otherwise the missing chunks' fetches are all started
         first, then awaited in order under one deadline.
         """
-        self._waiting_reads += 1  # a wait for a table page holds the fill back too
-        try:
-            chunks = await self._covering(offset, size)
-        finally:
-            self._waiting_reads -= 1
-            if not self._waiting_reads:
-                self._no_waiting_reads.set()
+        try:  # the table pages in memory (always, for a small index): no checkpoint
+            chunks = self.index.covering(offset, size, wait=False)
+        except PageMissing:
+            self._waiting_reads += 1  # a wait for a table page holds the fill back too
+            try:
+                chunks = await self._covering(offset, size)
+            finally:
+                self._waiting_reads -= 1
+                if not self._waiting_reads:
+                    self._no_waiting_reads.set()
+        except CafuseError as exc:
+            raise self._table_failure(exc, offset, size) from None
         if not chunks:
             return b""
         self.reads += 1
@@ -233,14 +238,18 @@ class BlobReader:
             msg = f"read of {size} bytes at {offset} timed out after {self.timeout:g} s"
             log.error("%s (reading a page of the index)", msg)
             raise ReadFailed(msg) from None
-        except CafuseError as exc:  # a broken or changed table, or one not fetched
-            self.failed_reads += 1
-            # a broken page is named once; the reads that hit it again fail quietly
-            level = logging.DEBUG if getattr(exc, "logged", False) else logging.ERROR
-            log.log(level, "read of %d bytes at %d failed: %s", size, offset, exc)
-            with contextlib.suppress(AttributeError):
-                exc.logged = True  # type: ignore[attr-defined]
-            raise ReadFailed(str(exc)) from None
+        except CafuseError as exc:
+            raise self._table_failure(exc, offset, size) from None
+
+    def _table_failure(self, exc: CafuseError, offset: int, size: int) -> ReadFailed:
+        """A broken or changed table, or a page not fetched: the read fails."""
+        self.failed_reads += 1
+        # a broken page is named once; the reads that hit it again fail quietly
+        level = logging.DEBUG if getattr(exc, "logged", False) else logging.ERROR
+        log.log(level, "read of %d bytes at %d failed: %s", size, offset, exc)
+        with contextlib.suppress(AttributeError):
+            exc.logged = True  # type: ignore[attr-defined]
+        return ReadFailed(str(exc))
 
     async def _load_page(self, page: int) -> None:
         """Read table page ``page`` in a thread; the reads that ask meanwhile wait for

@@ -37,6 +37,7 @@ import trio
 
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
+from .pacing import LinkPacer
 from .stores.health import OPEN
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ class FetchScheduler:
         self._nursery: trio.Nursery | None = None
         self._closed: str | None = None
         self.active_remote = dict.fromkeys(Priority, 0)
+        # readahead on the network, at most about twice the link's bandwidth-delay product
+        self.pacer = LinkPacer(clock, self.max_remote_slots)
+        self.paced = 0  # times a readahead fetch waited for the pacer
         self.fetched = dict.fromkeys(Priority, 0)
         self.rejected = 0
         self.failed = 0
@@ -319,6 +323,12 @@ class FetchScheduler:
                 continue
             if demand_only and priority != Priority.ON_DEMAND:
                 return None
+            if (
+                priority >= Priority.READAHEAD
+                and self.active_remote[Priority.READAHEAD] >= self.pacer.limit()
+            ):
+                self.paced += 1
+                return None  # more would only queue in the network, ahead of reads
             heapq.heappop(heap)
             self._queued[priority] -= 1
             self._uncount(flight)
@@ -395,12 +405,17 @@ class FetchScheduler:
                         break
                 nursery.cancel_scope.cancel()
             self.fetched[priority] += int(data is not None)
-            if data is not None and self.on_fetched is not None:
-                self.on_fetched(flight.size, self.clock() - started)
+            if data is not None:
+                self.pacer.observe(flight.size, self.clock() - started)
+                if self.on_fetched is not None:
+                    self.on_fetched(flight.size, self.clock() - started)
         finally:
             for cancel in cancels:
                 cancel.set()
             self.active_remote[priority] -= 1
+            room = self.pacer.limit() - self.active_remote[Priority.READAHEAD]
+            if self._queued[Priority.READAHEAD] and room > 1:
+                self._lot.unpark(count=room - 1)  # this worker takes one itself
             if data is None and error is None:  # cancelled at shutdown
                 error = ShuttingDown("the mount is shutting down")
             if self._read_deserves_another_try(flight, priority, error):
@@ -473,5 +488,7 @@ class FetchScheduler:
             else round(self._hedge_after * 1000, 1),
             "failed": self.failed,
             "remote_slots": self.remote_slots,
+            "readahead_fetch_limit": self.pacer.limit(),
+            "readahead_paced": self.paced,
             "reserved_for_reads": self.reserved,
         }

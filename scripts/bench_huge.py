@@ -212,7 +212,7 @@ def one_size(n: int, chunks, store: Path, url: str, access_log: Path, report: Re
             "-",
             None,
             "< 10 s, < 200 MB",
-            "one pass over the table in batches (machine shared with other jobs)",
+            "one pass over the table in batches",
         )
 
     # cat near the end, by URL

@@ -58,3 +58,18 @@ def test_the_allowance_grows_while_fetches_answer_fast_and_stays_within_the_ceil
         seen.append(allowed)
     assert seen[1] >= 2 * MIN_IN_FLIGHT - 1  # doubled, within the rate window's rounding
     assert seen == sorted(seen) and seen[-1] == 256  # grew to the ceiling, never past it
+
+
+def test_a_queued_link_holds_near_one_product_from_the_base_latency() -> None:
+    # 50 MB/s delivered; fetches answered in 100 ms before a queue formed, 200 ms since:
+    # the base stays 100 ms (not the recent minimum), and the allowance holds at a quarter
+    # over one product so the queue drains
+    clock = Clock()
+    pacer = LinkPacer(clock, 1024)
+    size = 65536
+    deliver(pacer, clock, 200, size, size / 50e6, 0.1)
+    deliver(pacer, clock, 2000, size, size / 50e6, 0.2)
+    assert pacer.limit() == -int(-1.25 * (50e6 * 0.1 / size) // 1)
+    # ten seconds later the old base is forgotten: 200 ms is the base, nothing is queued
+    deliver(pacer, clock, 20000, size, size / 50e6, 0.2)
+    assert pacer.limit() == -int(-2 * (50e6 * 0.2 / size) // 1)

@@ -8,6 +8,12 @@ fetch latency) and allows about twice it in flight. While the link is not full, 
 answer near the shortest latency and the allowance doubles with each measurement (like TCP's
 slow start); once it is full, latency rises until a queue of about one product has formed,
 which keeps the link busy and costs an on-demand read at most about one more round trip.
+
+The base latency is the shortest fetch of the last BASE_WINDOW seconds, not of the last
+few fetches: once the link is queued every recent fetch is slow, and a minimum over them
+would sustain the very queue it measures. When recent fetches take clearly longer than
+the base (a queue has formed), the allowance holds at a quarter over one product, so the
+queue drains to a fraction of a round trip.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from collections.abc import Callable
 MIN_IN_FLIGHT = 16  # never fewer (a local network, or nothing measured yet)
 SAMPLES = 64  # recent fetches the latency minimum and the average size come from
 MIN_WINDOW = 0.25  # seconds of deliveries the rate is measured over, at least
-GAIN = 2.0  # allowance in bandwidth-delay products
+GAIN = 2.0  # allowance in bandwidth-delay products while the link is not queued
+HOLD_GAIN = 1.25  # ... and once it is
+BASE_WINDOW = 10.0  # seconds the base (shortest) latency is kept
+QUEUED = 1.5  # recent median latency over the base that means a queue has formed
+RECENT = 16  # fetches the recent median comes from
 
 
 class LinkPacer:
@@ -28,6 +38,7 @@ class LinkPacer:
         self.ceiling = max(MIN_IN_FLIGHT, ceiling)
         self._fetches: deque[tuple[float, int, float]] = deque(maxlen=SAMPLES)
         self._deliveries: deque[tuple[float, int]] = deque()
+        self._base: deque[tuple[float, float]] = deque()  # (time, latency), latency rising
         self._limit = self.ceiling
         self._computed_at = -math.inf
 
@@ -36,6 +47,10 @@ class LinkPacer:
         now = self.clock()
         self._fetches.append((now, size, seconds))
         self._deliveries.append((now, size))
+        base = self._base  # a monotonic deque: its head is the window's minimum
+        while base and base[-1][1] >= seconds:
+            base.pop()
+        base.append((now, seconds))
         self._computed_at = -math.inf
 
     def limit(self) -> int:
@@ -47,7 +62,12 @@ class LinkPacer:
         if len(self._fetches) < SAMPLES // 4:
             self._limit = self.ceiling  # nothing to go by yet: as before pacing
             return self._limit
-        latency = min(seconds for _, _, seconds in self._fetches)
+        base = self._base
+        while len(base) > 1 and base[0][0] < now - BASE_WINDOW:
+            base.popleft()
+        latency = base[0][1]
+        recent = sorted(seconds for _, _, seconds in list(self._fetches)[-RECENT:])
+        queued = recent[len(recent) // 2] > QUEUED * latency
         window = max(MIN_WINDOW, 4 * latency)
         deliveries = self._deliveries
         while deliveries and deliveries[0][0] < now - window:
@@ -58,5 +78,6 @@ class LinkPacer:
         rate = sum(size for _, size in deliveries) / window
         average = sum(size for _, size, _ in self._fetches) / len(self._fetches)
         product = rate * latency / average  # chunks
-        self._limit = min(self.ceiling, max(MIN_IN_FLIGHT, math.ceil(GAIN * product)))
+        gain = HOLD_GAIN if queued else GAIN
+        self._limit = min(self.ceiling, max(MIN_IN_FLIGHT, math.ceil(gain * product)))
         return self._limit

@@ -27,8 +27,11 @@ from typing import Protocol
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from mounting import unmount  # noqa: E402  (the tests' implementations, shared)
-from servers import nginx_serving  # noqa: E402
+from servers import nginx_bytes_sent, nginx_serving  # noqa: E402
 from synthetic import expected_bytes, make_chunks, write_cycling_index  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_local import daemon_rss_mb  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python")
 CAFUSE = [PYTHON, "-m", "cafuse"]
@@ -63,21 +66,6 @@ def measured(*args: object) -> tuple[float, float, str]:
     return seconds, rss, proc.stdout.decode(errors="replace")
 
 
-def daemon_rss_mb(mnt: Path) -> float:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"mount" in cmdline and str(mnt).encode() in cmdline:
-                for line in (proc / "status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    raise RuntimeError("mount daemon not found")
-
-
 @contextlib.contextmanager
 def mounted(index: object, mnt: Path, *args: object) -> Iterator[tuple[Path, float]]:
     """The blob's path and how long ``cafuse mount`` took to return with the mount live."""
@@ -90,18 +78,6 @@ def mounted(index: object, mnt: Path, *args: object) -> Iterator[tuple[Path, flo
         yield mnt / name, seconds
     finally:
         unmount(mnt)
-
-
-def index_bytes_sent(access_log: Path, name: str) -> int:
-    """Body bytes nginx sent for ``name`` (whole and ranged answers)."""
-    total = 0
-    for line in access_log.read_text().splitlines():
-        parts = line.split('"')
-        if len(parts) > 2 and f"/{name} " in parts[1]:
-            status, size = parts[2].split()[:2]
-            if status in ("200", "206"):
-                total += int(size)
-    return total
 
 
 def random_reads(blob: Path, table, chunks, choice, seed: int) -> int:
@@ -173,10 +149,10 @@ def one_size(n: int, chunks, store: Path, url: str, access_log: Path, report: Re
     # by URL
     access_log.write_text("")
     with mounted(f"{url}/huge.caibx", mnt, "--store", store) as (blob, seconds):
-        at_start = index_bytes_sent(access_log, "huge.caibx")
+        at_start = nginx_bytes_sent(access_log, "huge.caibx")
         rss = daemon_rss_mb(mnt)
         random_reads(blob, table, chunks, choice, seed=2)
-        reads = index_bytes_sent(access_log, "huge.caibx") - at_start
+        reads = nginx_bytes_sent(access_log, "huge.caibx") - at_start
         rss_after = daemon_rss_mb(mnt)
     out["url"] = {
         "mount_s": seconds,
@@ -221,7 +197,7 @@ def one_size(n: int, chunks, store: Path, url: str, access_log: Path, report: Re
     seconds, rss, _ = measured(
         "cat", f"{url}/huge.caibx", "--store", store, "--offset", offset, "--length", 1 << 20
     )
-    fetched = index_bytes_sent(access_log, "huge.caibx")
+    fetched = nginx_bytes_sent(access_log, "huge.caibx")
     out["cat_end_url"] = {"seconds": seconds, "rss_mb": rss, "index_bytes": fetched}
     report.add(
         f"huge index, {label} chunks: `cafuse cat --offset` 1 MiB near the end, by URL",

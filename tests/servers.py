@@ -395,3 +395,15 @@ def dark_listener() -> Iterator[DarkListener]:
         yield dark
     finally:
         dark.close()
+
+
+def nginx_bytes_sent(access_log: Path, name: str) -> int:
+    """Body bytes nginx sent for ``name`` (whole and ranged answers), from its access log."""
+    total = 0
+    for line in access_log.read_text().splitlines():
+        parts = line.split('"')
+        if len(parts) > 2 and f"/{name} " in parts[1]:
+            status, size = parts[2].split()[:2]
+            if status in ("200", "206"):
+                total += int(size)
+    return total

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import assert_user_error, run_cafuse
 from mounting import mounted, pread_command
-from servers import Faults, faulty_server, nginx_serving
+from servers import Faults, faulty_server, nginx_bytes_sent, nginx_serving
 from synthetic import Chunks, expected_bytes, make_chunks, write_cycling_index
 
 from cafuse.chunktable import TableError
@@ -47,15 +47,7 @@ def nginx(huge, tmp_path_factory: pytest.TempPathFactory):
 
 def index_bytes_sent(server, name: str) -> int:
     """Body bytes nginx sent for ``name`` (whole or ranged answers)."""
-    total = 0
-    log = server.workdir / "access.log"
-    for line in log.read_text().splitlines():
-        parts = line.split('"')
-        if len(parts) > 2 and f"/{name} " in parts[1]:
-            status, size = parts[2].split()[:2]
-            if status in ("200", "206"):
-                total += int(size)
-    return total
+    return nginx_bytes_sent(server.workdir / "access.log", name)
 
 
 def random_reads(

@@ -11,6 +11,7 @@ import logging
 import mmap
 import os
 import struct
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -83,13 +84,19 @@ class Index(ChunkTable):
     ids: np.ndarray
     _keepalive: object = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def chunk_count(self) -> int:
         return int(self.ends.shape[0])
 
-    @property
+    @cached_property
     def blob_size(self) -> int:
         return int(self.ends[-1]) if self.chunk_count else 0
+
+    @cached_property
+    def _end_list(self) -> memoryview:
+        """The ends as a memoryview: indexing it and ``bisect`` over it take Python ints,
+        several times cheaper per call than numpy scalars (the read path does a few a read)."""
+        return memoryview(np.ascontiguousarray(self.ends, dtype=np.uint64))
 
     @cached_property
     def starts(self) -> np.ndarray:
@@ -108,20 +115,19 @@ class Index(ChunkTable):
 
     def span(self, i: int) -> tuple[int, int]:
         """Byte range ``[start, end)`` of chunk ``i`` in the blob."""
-        end = int(self.ends[i])
-        return (int(self.ends[i - 1]) if i else 0), end
+        ends = self._end_list
+        return (ends[i - 1] if i else 0), ends[i]
 
     def covering(self, offset: int, size: int, *, wait: bool = True) -> range:
         """Indices of the chunks that cover ``[offset, offset + size)``, clipped to the blob."""
         end = min(offset + size, self.blob_size)
         if size <= 0 or offset >= end:
             return range(0)
-        # uint64 keys: a Python int would make numpy convert the whole table on every call
-        first = int(self.ends.searchsorted(np.uint64(offset), side="right"))
-        if end <= int(self.ends[first]):
+        ends = self._end_list
+        first = bisect_right(ends, offset)
+        if end <= ends[first]:
             return range(first, first + 1)  # the common case: one chunk, one search
-        last = int(self.ends.searchsorted(np.uint64(end - 1), side="right"))
-        return range(first, last + 1)
+        return range(first, bisect_right(ends, end - 1, first) + 1)
 
     def is_zero(self, i: int) -> bool:
         return self._zero_bytes[i] != 0

@@ -37,6 +37,7 @@ import trio
 
 from .errors import CafuseError, ChunkUnavailable
 from .fetch import ChunkSource
+from .localpool import LocalPool
 from .pacing import LinkPacer
 from .stores.health import OPEN
 
@@ -69,6 +70,7 @@ class Flight:
 
     __slots__ = (
         "chunk_id",
+        "claimed",
         "counted",
         "data",
         "deadline",
@@ -87,6 +89,7 @@ class Flight:
         self.priority = priority
         self.deadline = deadline
         self.state = LOCAL
+        self.claimed = False  # taken by a local worker thread (set under the pool's lock)
         self.counted = False  # towards the bound of background chunks not yet fetching
         self.done = trio.Event()
         self.promoted = trio.Event()  # set once a read waits for it
@@ -142,11 +145,16 @@ class FetchScheduler:
         self.reserved = min(
             self.remote_slots, reserved if reserved is not None else max(1, remote_slots // 4)
         )
-        self.local_batch = max(1, local_batch)
+        self._local = LocalPool(
+            self._get_local_many,
+            self._local_done,
+            self._claim_local,
+            threads=local_slots,
+            batch=local_batch,
+        )
         self.queue_limit = queue_limit
         self.timeout = timeout if timeout is not None else source.policy.timeout
         self.clock = clock
-        self._local_limiter = trio.CapacityLimiter(max(1, local_slots))
         self._remote_limiter = trio.CapacityLimiter(self.remote_slots * 4)
         self._flights: dict[bytes, Flight] = {}
         self._heap: list[tuple[int, int, Flight]] = []
@@ -168,13 +176,20 @@ class FetchScheduler:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the fetch tasks; returns when cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.source.has_remote:
-                for k in range(self.remote_slots):
-                    nursery.start_soon(self._remote_worker, k < self.reserved)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._local.start()
+                if self.source.has_remote:
+                    for k in range(self.remote_slots):
+                        nursery.start_soon(self._remote_worker, k < self.reserved)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._local.close()
+            for flight in list(self._flights.values()):
+                if flight.state == LOCAL:
+                    self._finish(flight, None, ShuttingDown("the mount is shutting down"))
 
     def want_remote_slots(self, slots: int) -> None:
         """Start more remote workers, up to ``max_remote_slots``: the readahead window of
@@ -246,8 +261,7 @@ class FetchScheduler:
             self._flights[chunk_id] = flight
             new.append(flight)
             out.append(flight)
-        for k in range(0, len(new), self.local_batch):
-            self._nursery.start_soon(self._local_stage, new[k : k + self.local_batch])
+        self._local.submit(priority, new)
         return out
 
     def _uncount(self, flight: Flight) -> None:
@@ -267,25 +281,33 @@ class FetchScheduler:
             heapq.heappush(self._heap, (priority, next(self._seq), flight))
             self._lot.unpark_all()
         flight.priority = priority
+        if flight.state == LOCAL and not flight.claimed:  # ahead of the background reads
+            self._local.submit(priority, [flight])
 
     # ------------------------------------------------------------------ local stage
 
-    async def _local_stage(self, flights: list[Flight]) -> None:
-        results = None
-        try:
-            results = await trio.to_thread.run_sync(
-                self._get_local_many,
-                [(f.chunk_id, f.size) for f in flights],
-                limiter=self._local_limiter,
-                abandon_on_cancel=True,
-            )
-        finally:
-            if results is None:  # cancelled at shutdown
-                for flight in flights:
-                    self._finish(flight, None, ShuttingDown("the mount is shutting down"))
-        for flight, (found, error) in zip(flights, results, strict=True):
+    @staticmethod
+    def _claim_local(flight: Flight, priority: int) -> bool:
+        """Local pool thread, under the pool's lock: take this queue entry of ``flight``
+        unless it was taken, finished, or queued again at a higher priority."""
+        if flight.claimed or flight.state != LOCAL or flight.priority != priority:
+            return False
+        flight.claimed = True
+        return True
+
+    def _local_done(
+        self,
+        flights: list[Flight],
+        results: list[tuple[bytes | None, Exception | None]] | BaseException,
+    ) -> None:
+        """On the loop: the local pool's answers for a batch."""
+        for k, flight in enumerate(flights):
             if flight.state == DONE:
                 continue
+            if isinstance(results, BaseException):
+                found, error = None, Exception(f"local read failed: {results!r}")
+            else:
+                found, error = results[k]
             if found is not None or error is not None:
                 self._finish(flight, found, error)
             elif not self.source.has_remote:
@@ -293,14 +315,13 @@ class FetchScheduler:
             else:
                 self._enqueue(flight)
 
-    def _get_local_many(
-        self, items: list[tuple[bytes, int]]
-    ) -> list[tuple[bytes | None, Exception | None]]:
-        """Worker thread: each chunk's data from a local source, or (None, None) on a miss."""
+    def _get_local_many(self, flights: list[Flight]) -> list[tuple[bytes | None, Exception | None]]:
+        """Local pool thread: each chunk's data from a local source, or (None, None) on a
+        miss."""
         out: list[tuple[bytes | None, Exception | None]] = []
-        for chunk_id, size in items:
+        for flight in flights:
             try:
-                found = self.source.get_local(chunk_id, size)
+                found = self.source.get_local(flight.chunk_id, flight.size)
                 out.append((found[0] if found is not None else None, None))
             except Exception as exc:
                 out.append((None, exc))
@@ -491,4 +512,5 @@ class FetchScheduler:
             "readahead_fetch_limit": self.pacer.limit(),
             "readahead_paced": self.paced,
             "reserved_for_reads": self.reserved,
+            "local": self._local.snapshot(),
         }

@@ -266,9 +266,9 @@ def _serve(opts: MountOptions, ready: Readiness | None) -> int:
 
     index, source, mtime_ns = _open_image(opts)
     profile, warnings = load_profile(opts)
-    # a local chunk takes about as long to decompress and verify as a thread hop costs the
-    # event loop (~80 us): local sources are read in batches, no more threads than cores.
-    # Remote fetches wait on the network: one chunk per thread, many threads.
+    # local sources are read in batches by one thread per core (localpool.py), which feed
+    # themselves from a queue: a local chunk costs about what a round trip through the event
+    # loop does. Remote fetches wait on the network: one chunk per thread, many threads.
     reader = BlobReader(
         index,
         source,

@@ -122,15 +122,19 @@ class Readahead:
         if state is None:
             state = self.streams[stream] = StreamState()
         before = state.ahead()
-        sequential = -REORDER_BEHIND <= offset - state.next_offset <= REORDER_AHEAD
-        if sequential:
+        state.last_read = now
+        if -REORDER_BEHIND <= offset - state.next_offset <= REORDER_AHEAD:
             state.next_offset = max(state.next_offset, offset + size)
             state.run_bytes += size
         else:  # a seek: whatever was ahead is not, and growth starts over
             state.next_offset = offset + size
             state.run_bytes = size
-            self._reset(state)
-        state.last_read = now
+            if state.window:
+                self._reset(state)
+            state.ahead_until = state.next_offset
+            if size < SEQUENTIAL_THRESHOLD:  # a random reader's every read: keep it cheap
+                self._total_ahead -= before
+                return None
         if state.run_bytes < SEQUENTIAL_THRESHOLD or not self.budget:
             # the kernel's own readahead makes a few consecutive requests after any read;
             # only a longer run is a sequential reader worth fetching ahead for

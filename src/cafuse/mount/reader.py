@@ -52,10 +52,11 @@ class ChunkCache:
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
 
     def get(self, chunk_id: bytes) -> bytes | None:
-        data = self._items.get(chunk_id)
-        if data is not None:
+        try:
             self._items.move_to_end(chunk_id)
-        return data
+        except KeyError:
+            return None
+        return self._items[chunk_id]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -103,6 +104,7 @@ class BlobReader:
         fetches in flight grow from ``concurrency`` with the window, up to
         ``max_concurrency`` (default 8 x ``concurrency``)."""
         self.index = index
+        self._blob_size = index.blob_size
         self.source = source
         self.stats = source.stats
         self.cache = ChunkCache(memory_cache)
@@ -143,7 +145,7 @@ class BlobReader:
 
     @property
     def size(self) -> int:
-        return self.index.blob_size
+        return self._blob_size
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetch scheduler; returns when cancelled."""
@@ -182,32 +184,34 @@ class BlobReader:
         if not chunks:
             return b""
         self.reads += 1
-        for observe in self.observers:
-            observe(offset, size)
-        end = min(offset + size, self.size)
-        first, last = chunks.start, chunks.stop - 1
+        if self.observers:
+            for observe in self.observers:
+                observe(offset, size)
+        index = self.index
+        end = min(offset + size, self._blob_size)
         if stream is not None and self.readahead:
-            self._plan_readahead(stream, offset, end - offset, self.index.span(last)[1])
+            self._plan_readahead(stream, offset, end - offset, index.span(chunks.stop - 1)[1])
+        served = self.served_from
         parts: list[memoryview] = []
         waiting: list[tuple[int, int, int]] = []  # (slot, lo, hi)
         wanted: list[tuple[bytes, int]] = []
-        for i in range(first, last + 1):
-            chunk_start, chunk_end = self.index.span(i)
-            lo = max(offset, chunk_start) - chunk_start
-            hi = min(end, chunk_end) - chunk_start
-            if self.index.is_zero(i):
-                self.served_from["zero"] += hi - lo
+        for i in chunks:
+            chunk_start, chunk_end = index.span(i)
+            lo = offset - chunk_start if offset > chunk_start else 0
+            hi = (end if end < chunk_end else chunk_end) - chunk_start
+            if index.is_zero(i):
+                served["zero"] += hi - lo
                 parts.append(self._zeros[lo:hi])
+                continue
+            chunk_id = index.chunk_id(i)
+            data = self.cache.get(chunk_id)
+            if data is not None:
+                served["memory"] += hi - lo
+                parts.append(memoryview(data)[lo:hi])
             else:
-                chunk_id = self.index.chunk_id(i)
-                data = self.cache.get(chunk_id)
-                if data is not None:
-                    self.served_from["memory"] += hi - lo
-                    parts.append(memoryview(data)[lo:hi])
-                else:
-                    waiting.append((len(parts), lo, hi))
-                    wanted.append((chunk_id, chunk_end - chunk_start))
-                    parts.append(self._zeros[:0])
+                waiting.append((len(parts), lo, hi))
+                wanted.append((chunk_id, chunk_end - chunk_start))
+                parts.append(self._zeros[:0])
         if waiting:
             flights = self.scheduler.request(wanted, Priority.ON_DEMAND)
             self._waiting_reads += 1

@@ -1,0 +1,147 @@
+"""Worker threads that read chunks from local sources for the event loop.
+
+The fetch scheduler's local stage: seeds, the cache and local stores answer in about the time
+a thread hop costs, so chunks go to a few threads (one per core) in batches. The threads take
+work from a queue ordered by priority, then age, and post each batch's results back to the
+trio loop themselves (``run_sync_soon``), so a thread never waits for the loop between two
+batches. With one ``trio.to_thread`` call per batch, every batch needed a round trip through
+a busy event loop before the next could start: on a cold sequential read of a local store the
+threads sat idle 60% of the time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class LocalPool(Generic[Item, Result]):
+    """``work(items)`` runs in a worker thread and returns one result per item;
+    ``deliver(items, results)`` then runs on the trio loop (``results`` is the exception
+    instead when ``work`` raised: every item must still be answered). ``claim(item, priority)`` is
+    called under the pool's lock when a queued entry comes up: False skips it (the item
+    was queued again at another priority, or is no longer wanted)."""
+
+    def __init__(
+        self,
+        work: Callable[[list[Item]], list[Result]],
+        deliver: Callable[[list[Item], list[Result] | BaseException], None],
+        claim: Callable[[Item, int], bool],
+        *,
+        threads: int,
+        batch: int,
+    ) -> None:
+        self.work = work
+        self.deliver = deliver
+        self.claim = claim
+        self.threads = max(1, threads)
+        self.batch = max(1, batch)
+        self._heap: list[tuple[int, int, Item]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+        self.busy = 0  # threads working on a batch now
+        self.batches = 0
+        self.items = 0
+        self.work_seconds = 0.0  # wall time the threads spent in ``work``
+
+    def start(self) -> None:
+        """Start the threads; call from the trio loop that gets the results."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._closed = False
+        for k in range(self.threads):
+            # daemon threads: a read stuck on a dead local disk must not hold the exit
+            thread = threading.Thread(target=self._run, name=f"cafuse-local-{k}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+
+    def close(self) -> None:
+        """Stop taking work; the threads end after the batch in hand (whose results are
+        dropped if the loop is gone). Queued items are the caller's to fail."""
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify_all()
+        self._workers.clear()
+
+    def submit(self, priority: int, items: Sequence[Item]) -> None:
+        if not items:
+            return
+        with self._cond:
+            for item in items:
+                heapq.heappush(self._heap, (priority, next(self._seq), item))
+            self._cond.notify(min(len(items), self.threads))
+
+    def queued(self) -> int:
+        return len(self._heap)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "threads": self.threads,
+            "busy": self.busy,
+            "queued": len(self._heap),
+            "batches": self.batches,
+            "chunks": self.items,
+            "work_seconds": round(self.work_seconds, 3),
+        }
+
+    def _take(self) -> list[Item] | None:
+        """The next batch (None once closed): this thread's share of what is queued among
+        the idle threads, so a read of many chunks is split across them; at most ``batch``."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._heap:
+                    break
+                self._cond.wait()
+            idle = max(1, self.threads - self.busy)
+            want = min(self.batch, -(-len(self._heap) // idle))
+            items: list[Item] = []
+            while self._heap and len(items) < want:
+                priority, _, item = heapq.heappop(self._heap)
+                if self.claim(item, priority):
+                    items.append(item)
+            if items:
+                self.busy += 1
+            return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._take()
+            if items is None:
+                return
+            if not items:  # only stale entries were left
+                continue
+            results: list[Result] | BaseException
+            started = time.perf_counter()
+            try:
+                results = self.work(items)
+            except BaseException as exc:  # a bug: the items must still be answered
+                log.exception("local chunk reads failed")
+                results = exc
+            finally:
+                with self._cond:
+                    self.busy -= 1
+                    self.batches += 1
+                    self.items += len(items)
+                    self.work_seconds += time.perf_counter() - started
+            try:
+                assert self._token is not None
+                self._token.run_sync_soon(self.deliver, items, results)
+            except trio.RunFinishedError:
+                return  # the mount has ended

@@ -36,6 +36,8 @@ from mounting import drop_page_cache, unmount  # noqa: E402
 from servers import Faults, dark_listener, faulty_server, free_port, nginx_serving  # noqa: E402
 from wanproxy import WanProxy  # noqa: E402
 
+from cafuse.mount import STATS_XATTR  # noqa: E402
+
 CAFUSE = [str(ROOT / ".venv/bin/python"), "-m", "cafuse"]
 FIVE_FAULTS = ("500", "reset", "stall", "truncate", "wrong")
 DEFAULT_TIMEOUT = 30.0  # cafuse's --timeout default
@@ -316,10 +318,15 @@ def sample_reads(
     margin: int = 16 << 20,
 ) -> list[float]:
     """Up to ``count`` reads of random chunks not read before; with a streamer, only chunks
-    at least ``margin`` bytes ahead of it (past its readahead window)."""
+    past its readahead window (what the mount has requested ahead of it, from its stats
+    before each read, plus 4 MiB for what the window may add meanwhile), and at least
+    ``margin`` bytes ahead: a read inside the window waits for a readahead fetch already
+    under way, not for a fetch of its own."""
     latencies = []
     while len(latencies) < count:
-        floor = ahead_of.position + margin if ahead_of else 0
+        floor = (
+            ahead_of.position + max(margin, readahead_front(blob) + (4 << 20)) if ahead_of else 0
+        )
         candidates = [c for c in chunks if c[0] >= floor and c[0] not in used]
         if not candidates or (ahead_of and not ahead_of.is_alive()):
             break
@@ -329,6 +336,13 @@ def sample_reads(
         latencies.append(one_read(blob, min(offset, start + size - 1)))
         time.sleep(0.05)
     return latencies
+
+
+def readahead_front(blob: Path) -> int:
+    """Bytes the mount has requested ahead of its sequential readers (the largest stream's)."""
+    stats = json.loads(os.getxattr(blob, STATS_XATTR))
+    streams = stats.get("readahead", {}).get("streams", {})
+    return max((stream["in_flight"] for stream in streams.values()), default=0)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -60,16 +60,25 @@ def test_the_allowance_grows_while_fetches_answer_fast_and_stays_within_the_ceil
     assert seen == sorted(seen) and seen[-1] == 256  # grew to the ceiling, never past it
 
 
-def test_a_queued_link_holds_near_one_product_from_the_base_latency() -> None:
+def test_a_queued_link_holds_at_one_product_then_probes_gently() -> None:
     # 50 MB/s delivered; fetches answered in 100 ms before a queue formed, 200 ms since:
-    # the base stays 100 ms (not the recent minimum), and the allowance holds at a quarter
-    # over one product so the queue drains
+    # the base stays 100 ms (not the recent minimum), and the allowance holds at one
+    # product so the queue drains
     clock = Clock()
     pacer = LinkPacer(clock, 1024)
     size = 65536
+    product = 50e6 * 0.1 / size
     deliver(pacer, clock, 200, size, size / 50e6, 0.1)
     deliver(pacer, clock, 2000, size, size / 50e6, 0.2)
-    assert pacer.limit() == -int(-1.25 * (50e6 * 0.1 / size) // 1)
-    # ten seconds later the old base is forgotten: 200 ms is the base, nothing is queued
+    assert pacer.limit() == -int(-1.0 * product // 1)
+    # the queue drained: a quarter over one product, not a doubling (which would refill
+    # the queue in one burst)
+    deliver(pacer, clock, 200, size, size / 50e6, 0.1)
+    assert pacer.limit() == -int(-1.25 * product // 1)
+    # no queue for ten seconds: back to doubling
+    deliver(pacer, clock, 20000, size, size / 50e6, 0.1)
+    assert pacer.limit() == -int(-2 * product // 1)
+    # then 26 s of 200 ms fetches: the 100 ms base is forgotten after ten seconds, 200 ms
+    # becomes the base, and ten seconds later the queue it first looked like is forgotten
     deliver(pacer, clock, 20000, size, size / 50e6, 0.2)
     assert pacer.limit() == -int(-2 * (50e6 * 0.2 / size) // 1)

@@ -23,7 +23,7 @@ class Recorder:
         self.claims: dict[str, int] = {}  # the priority each item is wanted at
         self.lock = threading.Lock()
         self.all_delivered = trio.Event()
-        self.expected = 0
+        self.submitted: set[str] = set()
 
     def work(self, items: list[str]) -> list[str]:
         with self.lock:
@@ -35,7 +35,7 @@ class Recorder:
     def deliver(self, items: list[str], results: list[str] | BaseException) -> None:
         for k, item in enumerate(items):
             self.delivered[item] = results if isinstance(results, BaseException) else results[k]
-        if len(self.delivered) >= self.expected:
+        if len(self.delivered) >= len(self.submitted):
             self.all_delivered.set()
 
     def claim(self, item: str, priority: int) -> bool:
@@ -47,7 +47,7 @@ class Recorder:
     def submit(self, pool: LocalPool, priority: int, items: list[str]) -> None:
         for item in items:
             self.claims[item] = priority
-        self.expected = len(set(self.delivered) | set(self.claims))
+        self.submitted.update(items)
         pool.submit(priority, items)
 
 

@@ -301,11 +301,17 @@ class FakeSource:
         self.cancelled: list[bytes] = []
         self.p95: float | None = None
         self.router = self  # the scheduler asks the router for the stores' latency
+        self.local_order: list[bytes] = []
+        self.local_gate = threading.Event()
 
     def typical_p95(self) -> float | None:
         return self.p95
 
     def get_local(self, chunk_id: bytes, size: int) -> tuple[bytes, str] | None:
+        with self.lock:
+            self.local_order.append(chunk_id)
+        if chunk_id == b"held":  # a local read that takes until the test says
+            assert self.local_gate.wait(10)
         return (b"L" * size, "local") if chunk_id in self.local else None
 
     def get_remote(
@@ -338,6 +344,7 @@ class FakeSource:
 
     def release_all(self) -> None:
         self.hold.set()
+        self.local_gate.set()
         if self.linger is not None:
             self.linger.set()
         with self.lock:
@@ -420,6 +427,43 @@ def test_local_chunks_never_wait_behind_the_network() -> None:
             assert await flight.wait() == b"L" * 10
 
     run_scheduler_sync(source, test, remote_slots=4)
+
+
+def test_a_read_of_a_local_chunk_goes_ahead_of_queued_readahead_alone() -> None:
+    """A read's chunk queued in the local stage behind readahead is moved to the front, and
+    read in a batch of its own: a batch's results come back together."""
+    chunks = [b"held", *(f"a{i}".encode() for i in range(6))]
+    source = FakeSource(local=set(chunks))
+
+    async def test(s: FetchScheduler) -> None:
+        s.request([(b"held", 10)], Priority.READAHEAD)  # the only thread is held on it
+        await until(lambda: source.local_order == [b"held"])
+        ahead = s.request(ids("a", 6), Priority.READAHEAD)
+        (read,) = s.request([(b"a4", 10)], Priority.ON_DEMAND)
+        assert read is ahead[4]  # one flight, promoted
+        source.local_gate.set()
+        assert read is not None and await read.wait() == b"L" * 10
+        assert source.local_order[:2] == [b"held", b"a4"]
+        for flight in ahead:
+            assert flight is not None and await flight.wait() == b"L" * 10
+        assert sorted(source.local_order) == sorted(chunks)  # each read once
+
+    run_scheduler_sync(source, test, local_slots=1, local_batch=8)
+
+
+def test_requests_after_the_scheduler_stopped_fail_at_once() -> None:
+    source = FakeSource(local={b"l"})
+    stopped: list[FetchScheduler] = []
+
+    async def test(s: FetchScheduler) -> None:
+        stopped.append(s)
+
+    run_scheduler_sync(source, test)
+    (scheduler,) = stopped
+    flights = scheduler.request([(b"l", 10), (b"r", 10)], Priority.ON_DEMAND)
+    for flight in flights:
+        assert flight is not None and flight.done.is_set()
+        assert isinstance(flight.error, ShuttingDown)
 
 
 def test_one_fetch_per_chunk_however_many_wait() -> None:

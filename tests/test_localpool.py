@@ -83,6 +83,24 @@ def test_a_read_goes_ahead_of_background_work_queued_earlier() -> None:
     assert sorted(rec.delivered) == ["ahead0", "ahead1", "ahead2", "ahead3", "first", "read"]
 
 
+def test_a_batch_holds_one_priority() -> None:
+    """Results of a batch come back together: a read's chunk is not batched with
+    background ones queued behind it."""
+    rec = Recorder(hold={"first"})
+
+    async def body(pool: LocalPool) -> None:
+        rec.submit(pool, 2, ["first"])
+        while not rec.taken:
+            await trio.sleep(0.001)
+        rec.submit(pool, 0, ["read"])
+        rec.submit(pool, 2, [f"ahead{k}" for k in range(5)])
+        rec.release.set()
+        await rec.all_delivered.wait()
+
+    run_pool(rec, body, batch=8)
+    assert rec.taken == [["first"], ["read"], [f"ahead{k}" for k in range(5)]]
+
+
 def test_threads_go_on_while_the_event_loop_is_busy() -> None:
     """With one trio.to_thread call per batch the next batch waited for the loop; these
     threads take batch after batch while the loop is blocked in a long synchronous step."""

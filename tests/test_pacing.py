@@ -15,9 +15,15 @@ class Clock:
 
 
 def deliver(pacer: LinkPacer, clock: Clock, count: int, size: int, every: float, took: float):
+    """``count`` fetches of ``size`` bytes, one every ``every`` seconds, each having taken
+    ``took``; the scheduler asks for the limit all along (every 20 ms here)."""
+    asked = clock.now
     for _ in range(count):
         clock.now += every
         pacer.observe(size, took)
+        if clock.now - asked >= 0.02:
+            asked = clock.now
+            pacer.limit()
 
 
 def test_without_measurements_the_ceiling_holds() -> None:
@@ -78,7 +84,9 @@ def test_a_queued_link_holds_at_one_product_then_probes_gently() -> None:
     # no queue for ten seconds: back to doubling
     deliver(pacer, clock, 20000, size, size / 50e6, 0.1)
     assert pacer.limit() == -int(-2 * product // 1)
-    # then 26 s of 200 ms fetches: the 100 ms base is forgotten after ten seconds, 200 ms
-    # becomes the base, and ten seconds later the queue it first looked like is forgotten
-    deliver(pacer, clock, 20000, size, size / 50e6, 0.2)
+    # then 200 ms fetches: for ten seconds they look queued against the 100 ms base; then
+    # 200 ms is the base, and for ten more seconds the allowance probes gently
+    deliver(pacer, clock, 10000, size, size / 50e6, 0.2)  # 13 s
+    assert pacer.limit() == -int(-1.25 * (50e6 * 0.2 / size) // 1)
+    deliver(pacer, clock, 10000, size, size / 50e6, 0.2)  # 26 s: no queue for over 10 s
     assert pacer.limit() == -int(-2 * (50e6 * 0.2 / size) // 1)

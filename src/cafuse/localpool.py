@@ -53,7 +53,8 @@ class LocalPool(Generic[Item, Result]):
         self._cond = threading.Condition(threading.Lock())
         self._token: trio.lowlevel.TrioToken | None = None
         self._workers: list[threading.Thread] = []
-        self._closed = False
+        self._closed = True  # until started
+        self._generation = 0  # a thread of an earlier start() stops at its next batch
         self.busy = 0  # threads working on a batch now
         self.batches = 0
         self.items = 0
@@ -62,16 +63,25 @@ class LocalPool(Generic[Item, Result]):
     def start(self) -> None:
         """Start the threads; call from the trio loop that gets the results."""
         self._token = trio.lowlevel.current_trio_token()
-        self._closed = False
+        with self._cond:
+            self._closed = False
+            self._generation += 1
         for k in range(self.threads):
             # daemon threads: a read stuck on a dead local disk must not hold the exit
-            thread = threading.Thread(target=self._run, name=f"cafuse-local-{k}", daemon=True)
+            thread = threading.Thread(
+                target=self._run,
+                args=(self._generation,),
+                name=f"cafuse-local-{k}",
+                daemon=True,
+            )
             thread.start()
             self._workers.append(thread)
 
     def close(self) -> None:
-        """Stop taking work; the threads end after the batch in hand (whose results are
-        dropped if the loop is gone). Queued items are the caller's to fail."""
+        """Stop taking work; the threads end after the batch in hand, whose results still
+        reach ``deliver`` if the loop runs on (the caller has failed those items by then:
+        it must skip them), or are dropped if it has ended. Queued items are the caller's
+        to fail; later ``submit`` calls are ignored."""
         with self._cond:
             self._closed = True
             self._heap.clear()
@@ -82,6 +92,8 @@ class LocalPool(Generic[Item, Result]):
         if not items:
             return
         with self._cond:
+            if self._closed:
+                return
             for item in items:
                 heapq.heappush(self._heap, (priority, next(self._seq), item))
             self._cond.notify(min(len(items), self.threads))
@@ -99,12 +111,14 @@ class LocalPool(Generic[Item, Result]):
             "work_seconds": round(self.work_seconds, 3),
         }
 
-    def _take(self) -> list[Item] | None:
+    def _take(self, generation: int) -> list[Item] | None:
         """The next batch (None once closed): this thread's share of what is queued among
-        the idle threads, so a read of many chunks is split across them; at most ``batch``."""
+        the idle threads, so a read of many chunks is split across them; at most ``batch``,
+        and all of one priority (a read's chunks never wait for background ones: the
+        results of a batch come back together)."""
         with self._cond:
             while True:
-                if self._closed:
+                if self._closed or generation != self._generation:
                     return None
                 if self._heap:
                     break
@@ -112,17 +126,21 @@ class LocalPool(Generic[Item, Result]):
             idle = max(1, self.threads - self.busy)
             want = min(self.batch, -(-len(self._heap) // idle))
             items: list[Item] = []
+            taken_priority: int | None = None
             while self._heap and len(items) < want:
+                if taken_priority is not None and self._heap[0][0] != taken_priority:
+                    break
                 priority, _, item = heapq.heappop(self._heap)
                 if self.claim(item, priority):
                     items.append(item)
+                    taken_priority = priority
             if items:
                 self.busy += 1
             return items
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         while True:
-            items = self._take()
+            items = self._take(generation)
             if items is None:
                 return
             if not items:  # only stale entries were left

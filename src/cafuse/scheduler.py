@@ -185,11 +185,10 @@ class FetchScheduler:
                         nursery.start_soon(self._remote_worker, k < self.reserved)
                 task_status.started()
                 await trio.sleep_forever()
-        finally:
-            self._local.close()
-            for flight in list(self._flights.values()):
-                if flight.state == LOCAL:
-                    self._finish(flight, None, ShuttingDown("the mount is shutting down"))
+        finally:  # every flight fails now, and later requests at once: nothing is left
+            self._local.close()  # to answer them
+            self._nursery = None
+            self.close()
 
     def want_remote_slots(self, slots: int) -> None:
         """Start more remote workers, up to ``max_remote_slots``: the readahead window of
@@ -232,7 +231,7 @@ class FetchScheduler:
     ) -> list[Flight | None]:
         """A flight for each ``(chunk_id, size)``: the pending one (promoted if this need
         is more urgent) or a new one. None where a background request was not admitted."""
-        if self._nursery is None:
+        if self._nursery is None and self._closed is None:
             raise RuntimeError("FetchScheduler.run() is not running")
         out: list[Flight | None] = []
         new: list[Flight] = []
@@ -300,7 +299,10 @@ class FetchScheduler:
         flights: list[Flight],
         results: list[tuple[bytes | None, Exception | None]] | BaseException,
     ) -> None:
-        """On the loop: the local pool's answers for a batch."""
+        """On the loop, outside any task: the local pool's answers for a batch. Nothing may
+        escape from here (trio would end the mount), so a failure fails its flight."""
+        if not isinstance(results, BaseException):
+            assert len(results) == len(flights)
         for k, flight in enumerate(flights):
             if flight.state == DONE:
                 continue
@@ -308,12 +310,19 @@ class FetchScheduler:
                 found, error = None, Exception(f"local read failed: {results!r}")
             else:
                 found, error = results[k]
-            if found is not None or error is not None:
-                self._finish(flight, found, error)
-            elif not self.source.has_remote:
-                self._finish(flight, None, ChunkUnavailable(flight.chunk_id, []))
-            else:
-                self._enqueue(flight)
+            try:
+                if found is not None or error is not None:
+                    self._finish(flight, found, error)
+                elif not self.source.has_remote:
+                    self._finish(flight, None, ChunkUnavailable(flight.chunk_id, []))
+                else:
+                    self._enqueue(flight)
+            except Exception as exc:  # a delivery callback's bug: this chunk fails
+                log.exception("delivering chunk %s failed", flight.chunk_id.hex())
+                if flight.state != DONE:
+                    flight.data, flight.error, flight.state = None, exc, DONE
+                    self._flights.pop(flight.chunk_id, None)
+                    flight.done.set()
 
     def _get_local_many(self, flights: list[Flight]) -> list[tuple[bytes | None, Exception | None]]:
         """Local pool thread: each chunk's data from a local source, or (None, None) on a

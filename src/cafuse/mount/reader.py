@@ -52,11 +52,10 @@ class ChunkCache:
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
 
     def get(self, chunk_id: bytes) -> bytes | None:
-        try:
+        data = self._items.get(chunk_id)
+        if data is not None:
             self._items.move_to_end(chunk_id)
-        except KeyError:
-            return None
-        return self._items[chunk_id]
+        return data
 
     def __len__(self) -> int:
         return len(self._items)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_faults import Report, cafuse, cold_chunks, mounted, one_read, percentile  # noqa: E402
+from benchkit import copy_usr_files  # noqa: E402
 from helpers import sha256_file  # noqa: E402
 from mounting import unmount  # noqa: E402
 from servers import Nginx, free_port  # noqa: E402
@@ -57,28 +58,8 @@ def build_images(work: Path) -> tuple[Path, Path, list[str]]:
         return v1, v2, json.loads(listing.read_text())
     tree = work / "tree"
     shutil.rmtree(tree, ignore_errors=True)
-    budget = int(IMAGE_MB * 0.7) << 20
-    copied = 0
-    files: list[Path] = []
-    for root in (Path("/usr/lib"), Path("/usr/share"), Path("/usr/bin")):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                src = Path(dirpath, name)
-                if src.is_symlink() or not src.is_file() or src.stat().st_size > 2 << 20:
-                    continue  # many files, as a root file system has, not a few big ones
-                dest = tree / src.relative_to("/")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    shutil.copyfile(src, dest)
-                except OSError:
-                    continue
-                files.append(dest)
-                copied += dest.stat().st_size
-                if copied >= budget:
-                    break
-            if copied >= budget:
-                break
+    # many files of at most 2 MiB, as a root file system has, not a few big ones
+    files = copy_usr_files(tree, int(IMAGE_MB * 0.7) << 20, max_file_size=2 << 20)
     rng = random.Random(8)
     # a boot reads a few hundred smallish files scattered over the image, in its own order
     candidates = [p for p in files if 4 << 10 <= p.stat().st_size <= 512 << 10]

@@ -31,7 +31,7 @@ from servers import nginx_bytes_sent, nginx_serving  # noqa: E402
 from synthetic import expected_bytes, make_chunks, write_cycling_index  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_local import daemon_rss_mb  # noqa: E402
+from bench_throughput import daemon_rss_mb  # noqa: E402
 
 PYTHON = str(ROOT / ".venv/bin/python")
 CAFUSE = [PYTHON, "-m", "cafuse"]

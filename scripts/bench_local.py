@@ -12,6 +12,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench_throughput import (
+    ceiling_widened,
+    cpu_seconds,
+    daemon_pid,
+    daemon_rss_mb,
+    decode_cpu_per_gb,
+    system_busy_seconds,
+)
 from benchkit import CAFUSE, ROOT, Report, cacnk_bytes_opened, mbps, sh, timed, warm
 from mounting import drop_page_cache
 
@@ -235,14 +243,6 @@ def bench_mount(work: Path, v1: Path, report: Report) -> None:
     slowed by first-touch page faults, whichever program makes it."""
     size = v1.stat().st_size
     index, store = work / "v1.caibx", work / "c.store"
-    from bench_throughput import (
-        ceiling_widened,
-        cpu_seconds,
-        daemon_pid,
-        decode_cpu_per_gb,
-        system_busy_seconds,
-    )
-
     results: dict[str, float] = {}
     with ceiling_mount(v1, work / "ceil") as blob:
         ceiling_runs = []  # (MB/s, machine CPU seconds per GB read)
@@ -374,18 +374,3 @@ def bench_startup(work: Path, report: Report) -> None:
         "(time until `cafuse mount` returns with the mount live; RSS of the daemon)",
     )
     report.extra["startup"] = {"seconds": best, "rss_mb": rss_mb}
-
-
-def daemon_rss_mb(mnt: Path) -> float:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"mount" in cmdline and str(mnt).encode() in cmdline:
-                for line in (proc / "status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    raise RuntimeError("mount daemon not found")

@@ -64,6 +64,14 @@ def daemon_pid(mnt: Path) -> int:
     raise RuntimeError("mount daemon not found")
 
 
+def daemon_rss_mb(mnt: Path) -> float:
+    """Resident memory of the daemon serving ``mnt``, in MB."""
+    for line in Path(f"/proc/{daemon_pid(mnt)}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("mount daemon has no VmRSS")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -105,15 +105,11 @@ def warm(path: Path) -> None:
 # ------------------------------------------------------------------ images
 
 
-def build_images(work: Path, size_mb: int) -> tuple[Path, Path]:
-    """v1: an ext4 image of real files from /usr; v2: the same with some files changed."""
-    v1, v2 = work / "v1.ext4", work / "v2.ext4"
-    if v1.exists() and v2.exists():
-        return v1, v2
-    tree = work / "tree"
-    shutil.rmtree(tree, ignore_errors=True)
-    budget = int(size_mb * 0.8) << 20
+def copy_usr_files(tree: Path, budget: int, max_file_size: int | None = None) -> list[Path]:
+    """Copy real files of /usr/lib, /usr/share and /usr/bin (in name order, each of at most
+    ``max_file_size`` bytes) under ``tree`` until about ``budget`` bytes: the copies."""
     copied = 0
+    files: list[Path] = []
     for root in (Path("/usr/lib"), Path("/usr/share"), Path("/usr/bin")):
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -121,17 +117,31 @@ def build_images(work: Path, size_mb: int) -> tuple[Path, Path]:
                 src = Path(dirpath, name)
                 if src.is_symlink() or not src.is_file():
                     continue
+                if max_file_size is not None and src.stat().st_size > max_file_size:
+                    continue
                 dest = tree / src.relative_to("/")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     shutil.copyfile(src, dest)
                 except OSError:
                     continue
+                files.append(dest)
                 copied += dest.stat().st_size
                 if copied >= budget:
                     break
             if copied >= budget:
                 break
+    return files
+
+
+def build_images(work: Path, size_mb: int) -> tuple[Path, Path]:
+    """v1: an ext4 image of real files from /usr; v2: the same with some files changed."""
+    v1, v2 = work / "v1.ext4", work / "v2.ext4"
+    if v1.exists() and v2.exists():
+        return v1, v2
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    copy_usr_files(tree, int(size_mb * 0.8) << 20)
     mkfs(tree, v1, size_mb)
     # v2: a release later: ~2% of files rewritten in part, some removed, some added
     rng = random.Random(7)

@@ -343,8 +343,8 @@ class _FaultyHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def faulty_server(root: Path, faults: Faults) -> Iterator[str]:
-    handler = type("Handler", (_FaultyHandler,), {"root": root, "faults": faults})
+def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on loopback answering with ``handler``: its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -354,6 +354,13 @@ def faulty_server(root: Path, faults: Faults) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def faulty_server(root: Path, faults: Faults) -> Iterator[str]:
+    handler = type("Handler", (_FaultyHandler,), {"root": root, "faults": faults})
+    with serve_http(handler) as url:
+        yield url
 
 
 class DarkListener:

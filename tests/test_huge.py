@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import assert_user_error, run_cafuse
 from mounting import mounted, pread_command
-from servers import Faults, faulty_server, nginx_bytes_sent, nginx_serving
+from servers import Faults, faulty_server, nginx_bytes_sent, nginx_serving, serve_http
 from synthetic import Chunks, expected_bytes, make_chunks, write_cycling_index
 
 from cafuse.chunktable import TableError
@@ -250,14 +250,8 @@ def redirecting(target: str) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/moved"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/moved"
 
 
 def test_an_index_url_that_redirects(huge, nginx, tmp_path: Path) -> None:

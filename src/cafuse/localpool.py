@@ -98,9 +98,6 @@ class LocalPool(Generic[Item, Result]):
                 heapq.heappush(self._heap, (priority, next(self._seq), item))
             self._cond.notify(min(len(items), self.threads))
 
-    def queued(self) -> int:
-        return len(self._heap)
-
     def snapshot(self) -> dict[str, object]:
         return {
             "threads": self.threads,

@@ -91,6 +91,27 @@ class VerifyReport:
     repaired: int = 0
 
 
+def _tally(
+    report: VerifyReport, store: ChunkStore, chunk_id: bytes, bare: bool, verdict: str, repair: bool
+) -> None:
+    """Count one chunk's verdict ("ok", "missing", "corrupt" or "error: ..."), deleting a
+    corrupt copy when repairing."""
+    report.checked += 1
+    if verdict == "missing":
+        report.missing.append(chunk_id)
+    elif verdict == "corrupt":
+        report.corrupt.append(chunk_id)
+        report.corrupt_copies.append(chunk_path(chunk_id, bare))
+        log.info("chunk %s corrupt", chunk_id.hex())
+        if repair:
+            _delete_copy(store, chunk_id, bare)
+            report.repaired += 1
+    elif verdict != "ok":
+        report.unreadable.append(chunk_id)
+        report.first_error = report.first_error or verdict.removeprefix("error: ")
+        log.info("chunk %s %s", chunk_id.hex(), verdict)
+
+
 def _delete_copy(store: ChunkStore, chunk_id: bytes, bare: bool) -> None:
     """Delete one bad copy; a store that cannot tell copies apart deletes the chunk."""
     delete_copy = getattr(store, "delete_copy", None)
@@ -142,20 +163,7 @@ def verify_store(
             keep = seen.first_seen(batch)
             jobs = [(batch.chunk_id(j), int(batch.sizes[j])) for j in keep.tolist()]
             for chunk_id, verdict, bare in pool.map(check, jobs, chunksize=64):
-                report.checked += 1
-                if verdict == "missing":
-                    report.missing.append(chunk_id)
-                elif verdict == "corrupt":
-                    report.corrupt.append(chunk_id)
-                    report.corrupt_copies.append(chunk_path(chunk_id, bare))
-                    log.info("chunk %s corrupt", chunk_id.hex())
-                    if repair:
-                        _delete_copy(store, chunk_id, bare)
-                        report.repaired += 1
-                elif verdict != "ok":
-                    report.unreadable.append(chunk_id)
-                    report.first_error = report.first_error or verdict.removeprefix("error: ")
-                    log.info("chunk %s %s", chunk_id.hex(), verdict)
+                _tally(report, store, chunk_id, bare, verdict, repair)
             bar.update(int(batch.sizes.sum()))
     bar.close()
     return report
@@ -210,17 +218,8 @@ def verify_all_copies(
 
     with ThreadPoolExecutor(threads) as pool:
         for chunk_id, bare, verdict in _bounded_map(pool, check, iter_copies(), 8 * threads):
-            report.checked += 1
+            _tally(report, store, chunk_id, bare, verdict, repair)
             bar.update(1)
-            if verdict == "corrupt":
-                report.corrupt.append(chunk_id)
-                report.corrupt_copies.append(chunk_path(chunk_id, bare))
-                if repair:
-                    _delete_copy(store, chunk_id, bare)
-                    report.repaired += 1
-            elif verdict != "ok":
-                report.unreadable.append(chunk_id)
-                report.first_error = report.first_error or verdict.removeprefix("error: ")
     bar.close()
     return report
 

@@ -1,9 +1,9 @@
 """Fetch scheduling for the mount: who fetches which chunk when, with what priority.
 
 Every chunk fetch is one ``Flight``, shared by every read that needs the chunk. A new flight
-first goes to the *local stage*: seeds, the cache and local stores, a few worker threads
-that take chunks in batches (a thread hop costs about as much as reading a local chunk).
-Those never wait behind the network. A chunk no local source has goes to the *remote
+first goes to the *local stage*: seeds, the cache and local stores, read by one thread per
+core that takes chunks in batches by priority (``localpool.py``). Those never wait behind
+the network. A chunk no local source has goes to the *remote
 queue*, ordered by class, then age:
 
     on-demand (a read is waiting)  >  profile replay  >  readahead  >  background fill
@@ -185,8 +185,9 @@ class FetchScheduler:
                         nursery.start_soon(self._remote_worker, k < self.reserved)
                 task_status.started()
                 await trio.sleep_forever()
-        finally:  # every flight fails now, and later requests at once: nothing is left
-            self._local.close()  # to answer them
+        finally:
+            # nothing is left to answer flights: every one fails now, later requests at once
+            self._local.close()
             self._nursery = None
             self.close()
 

@@ -153,8 +153,18 @@ def test_many_chunks_are_split_across_the_threads() -> None:
         rec.release.set()
         await rec.all_delivered.wait()
 
-    run_pool(rec, body, threads=2, batch=8)
+    pools: list[LocalPool] = []
+
+    async def recorded(pool: LocalPool) -> None:
+        pools.append(pool)
+        await body(pool)
+
+    run_pool(rec, recorded, threads=2, batch=8)
     assert sorted(len(batch) for batch in rec.taken) == [6, 7]
+    snap = pools[0].snapshot()
+    assert snap["batches"] == 2 and snap["chunks"] == 13
+    # the held batch waited on an event: off the CPU for most of its time in work
+    assert 0 <= snap["cpu_seconds"] <= snap["work_seconds"]  # type: ignore[operator]
 
 
 def test_a_failing_work_function_still_answers_every_item() -> None:

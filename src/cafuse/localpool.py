@@ -59,6 +59,7 @@ class LocalPool(Generic[Item, Result]):
         self.batches = 0
         self.items = 0
         self.work_seconds = 0.0  # wall time the threads spent in ``work``
+        self.cpu_seconds = 0.0  # of which on a CPU (the rest: waiting for the GIL or I/O)
 
     def start(self) -> None:
         """Start the threads; call from the trio loop that gets the results."""
@@ -106,6 +107,7 @@ class LocalPool(Generic[Item, Result]):
             "batches": self.batches,
             "chunks": self.items,
             "work_seconds": round(self.work_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
         }
 
     def _take(self, generation: int) -> list[Item] | None:
@@ -143,7 +145,7 @@ class LocalPool(Generic[Item, Result]):
             if not items:  # only stale entries were left
                 continue
             results: list[Result] | BaseException
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 results = self.work(items)
             except BaseException as exc:  # a bug: the items must still be answered
@@ -155,6 +157,7 @@ class LocalPool(Generic[Item, Result]):
                     self.batches += 1
                     self.items += len(items)
                     self.work_seconds += time.perf_counter() - started
+                    self.cpu_seconds += time.thread_time() - cpu_started
             try:
                 assert self._token is not None
                 self._token.run_sync_soon(self.deliver, items, results)

@@ -45,3 +45,31 @@ def test_output_is_bounded_by_the_chunk_size() -> None:
         decompress(lzma.compress(bytes(10 << 20)), 65536)
     with pytest.raises(ValueError):
         decompress(gzip.compress(bytes(10 << 20)), 65536)
+
+
+def _skippable(payload: bytes) -> bytes:
+    return b"\x5a\x2a\x4d\x18" + len(payload).to_bytes(4, "little") + payload
+
+
+def test_zstd_chunks_of_several_frames_read_as_libzstd_reads_them() -> None:
+    """desync and the zstd tool read every frame of a chunk file and skip skippable frames;
+    a chunk written that way must not be taken for corrupt (its digest still decides)."""
+    with_size, no_size = (
+        zstandard.ZstdCompressor(),
+        zstandard.ZstdCompressor(write_content_size=False),
+    )
+    first, second = os.urandom(3000), bytes(5000)
+    frames = with_size.compress(first) + no_size.compress(second)
+    assert decompress(frames, 8000) == first + second
+    assert decompress(_skippable(b"meta") + frames, 8000) == first + second
+    between = with_size.compress(first) + _skippable(b"") + with_size.compress(second)
+    assert decompress(between, 8000) == first + second
+    assert decompress(with_size.compress(first) + _skippable(b"end"), 3000) == first
+
+
+def test_later_zstd_frames_are_bounded_and_garbage_after_a_frame_is_refused() -> None:
+    small = zstandard.ZstdCompressor().compress(b"x" * 100)
+    with pytest.raises(ValueError, match="larger than"):
+        decompress(small + compress(bytes(10 << 20)), 65536)  # a bomb in the second frame
+    with pytest.raises(ValueError, match="bad zstd data"):
+        decompress(small + b"not a frame", 100)

@@ -53,6 +53,26 @@ def compress(data: bytes | memoryview, compression: str = "zstd", level: int = 3
     raise CafuseError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
 
 
+def _zstd_skippable(blob: bytes) -> bool:
+    """Whether ``blob`` begins with a zstd skippable frame (magic 0x184D2A50-5F)."""
+    return len(blob) >= 8 and blob[1:4] == b"\x2a\x4d\x18" and blob[0] & 0xF0 == 0x50
+
+
+def _zstd_frames(blob: bytes, max_size: int) -> bytes:
+    """Every frame of ``blob`` in turn, skippable ones skipped, as desync (``DecodeAll``) and
+    the zstd tool read a chunk (casync 2 refuses one of two frames: "Bad message"); never
+    more than ``max_size``."""
+    reader = _zstd_decompressor().stream_reader(blob, read_across_frames=True)
+    parts: list[bytes] = []
+    total = 0
+    while part := reader.read(max_size + 1 - total):
+        parts.append(part)
+        total += len(part)
+        if total > max_size:
+            raise ValueError(f"zstd data larger than the chunk's {max_size} bytes")
+    return b"".join(parts)
+
+
 def decompress(blob: bytes, max_size: int) -> bytes:
     """The data of a stored chunk: ``Uncompressed`` as is, anything else decoded by its
     magic bytes. A ``.cacnk`` without known magic is taken as raw data, as cafuse before
@@ -65,13 +85,20 @@ def decompress(blob: bytes, max_size: int) -> bytes:
         if len(blob) > max_size:
             raise ValueError(f"uncompressed chunk of {len(blob)} bytes, chunk is {max_size}")
         return blob
-    if blob.startswith(ZSTD_MAGIC):
+    if blob.startswith(ZSTD_MAGIC) or _zstd_skippable(blob):
         try:
-            # a corrupt header can claim any size: check it before anything is allocated
-            declared = zstandard.frame_content_size(blob)
-            if declared > max_size:
-                raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
-            return _zstd_decompressor().decompress(blob, max_output_size=max_size)
+            if blob.startswith(ZSTD_MAGIC):
+                # a corrupt header can claim any size: check it before anything is allocated
+                declared = zstandard.frame_content_size(blob)
+                if declared > max_size:
+                    raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
+                try:  # one frame, nothing after it: how every known writer stores a chunk
+                    return _zstd_decompressor().decompress(
+                        blob, max_output_size=max_size, allow_extra_data=False
+                    )
+                except zstandard.ZstdError:
+                    pass  # more frames, or corrupt: the streaming decoder tells which
+            return _zstd_frames(blob, max_size)
         except (zstandard.ZstdError, MemoryError) as exc:
             raise ValueError(f"bad zstd data: {exc or type(exc).__name__}") from None
     if blob.startswith(XZ_MAGIC):

@@ -65,6 +65,9 @@ def test_zstd_chunks_of_several_frames_read_as_libzstd_reads_them() -> None:
     between = with_size.compress(first) + _skippable(b"") + with_size.compress(second)
     assert decompress(between, 8000) == first + second
     assert decompress(with_size.compress(first) + _skippable(b"end"), 3000) == first
+    # casync's chunks carry no size in the frame header; an empty frame declares 0
+    assert decompress(no_size.compress(first) + no_size.compress(second), 8000) == first + second
+    assert decompress(with_size.compress(b"") + with_size.compress(first), 3000) == first
 
 
 def test_later_zstd_frames_are_bounded_and_garbage_after_a_frame_is_refused() -> None:
@@ -73,3 +76,6 @@ def test_later_zstd_frames_are_bounded_and_garbage_after_a_frame_is_refused() ->
         decompress(small + compress(bytes(10 << 20)), 65536)  # a bomb in the second frame
     with pytest.raises(ValueError, match="bad zstd data"):
         decompress(small + b"not a frame", 100)
+    whole = zstandard.ZstdCompressor().compress(os.urandom(5000))
+    with pytest.raises(ValueError, match="bad zstd data"):  # cut short: said so
+        decompress(whole[:-100], 5000)

@@ -87,18 +87,26 @@ def decompress(blob: bytes, max_size: int) -> bytes:
         return blob
     if blob.startswith(ZSTD_MAGIC) or _zstd_skippable(blob):
         try:
-            if blob.startswith(ZSTD_MAGIC):
-                # a corrupt header can claim any size: check it before anything is allocated
-                declared = zstandard.frame_content_size(blob)
-                if declared > max_size:
-                    raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
-                try:  # one frame, nothing after it: how every known writer stores a chunk
-                    return _zstd_decompressor().decompress(
-                        blob, max_output_size=max_size, allow_extra_data=False
-                    )
-                except zstandard.ZstdError:
-                    pass  # more frames, or corrupt: the streaming decoder tells which
-            return _zstd_frames(blob, max_size)
+            if not blob.startswith(ZSTD_MAGIC):  # a skippable frame first
+                return _zstd_frames(blob, max_size)
+            declared = zstandard.frame_content_size(blob)
+            # a corrupt header can claim any size: check it before anything is allocated
+            if declared > max_size:
+                raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
+            if declared <= 0:  # no size in the header (casync's chunks), or an empty frame
+                data = _zstd_decompressor().decompress(blob, max_output_size=max_size)
+                if len(data) == max_size:  # all the chunk: any frame after it is surplus
+                    return data
+                return _zstd_frames(blob, max_size)  # more frames may follow
+            try:  # one frame with its size, nothing after it (cafuse's, desync's chunks)
+                return _zstd_decompressor().decompress(
+                    blob, max_output_size=max_size, allow_extra_data=False
+                )
+            except zstandard.ZstdError as exc:
+                data = _zstd_frames(blob, max_size)  # more frames follow, or it is corrupt
+                if len(data) < declared:  # the first frame is cut short or broken
+                    raise ValueError(f"bad zstd data: {exc}") from None
+                return data
         except (zstandard.ZstdError, MemoryError) as exc:
             raise ValueError(f"bad zstd data: {exc or type(exc).__name__}") from None
     if blob.startswith(XZ_MAGIC):

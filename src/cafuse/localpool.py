@@ -156,8 +156,9 @@ class LocalPool(Generic[Item, Result]):
                     self.busy -= 1
                     self.batches += 1
                     self.items += len(items)
-                    self.work_seconds += time.perf_counter() - started
+                    # the CPU interval nests in the wall one: never more CPU than wall time
                     self.cpu_seconds += time.thread_time() - cpu_started
+                    self.work_seconds += time.perf_counter() - started
             try:
                 assert self._token is not None
                 self._token.run_sync_soon(self.deliver, items, results)

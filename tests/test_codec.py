@@ -10,7 +10,7 @@ import random
 import pytest
 import zstandard
 
-from cafuse.codec import compress, decompress
+from cafuse.codec import _zstd_frame_length, compress, decompress
 from cafuse.digest import hash_function
 from cafuse.fetch import decode
 
@@ -79,3 +79,22 @@ def test_later_zstd_frames_are_bounded_and_garbage_after_a_frame_is_refused() ->
     whole = zstandard.ZstdCompressor().compress(os.urandom(5000))
     with pytest.raises(ValueError, match="bad zstd data"):  # cut short: said so
         decompress(whole[:-100], 5000)
+
+
+@pytest.mark.parametrize("level", [-5, 3, 19])
+@pytest.mark.parametrize("with_size", [True, False])
+@pytest.mark.parametrize("checksum", [True, False])
+def test_the_first_zstd_frame_is_measured_from_its_headers(
+    level: int, with_size: bool, checksum: bool
+) -> None:
+    """What tells a lone frame from the first of several without decoding twice: raw, RLE
+    and compressed blocks, with and without content size and checksum, as one-shot and as
+    streaming compressors (casync) write them."""
+    c = zstandard.ZstdCompressor(level=level, write_content_size=with_size, write_checksum=checksum)
+    streamed = c.compressobj()
+    frames = [c.compress(data) for data in (os.urandom(300_000), bytes(200_000), b"ab" * 9000)]
+    frames.append(streamed.compress(os.urandom(5000) + bytes(70_000)) + streamed.flush())
+    for frame in frames:
+        assert _zstd_frame_length(frame) == len(frame)
+        assert _zstd_frame_length(frame + c.compress(b"next")) == len(frame)
+        assert _zstd_frame_length(frame[:-1]) is None

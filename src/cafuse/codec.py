@@ -58,6 +58,25 @@ def _zstd_skippable(blob: bytes) -> bool:
     return len(blob) >= 8 and blob[1:4] == b"\x2a\x4d\x18" and blob[0] & 0xF0 == 0x50
 
 
+def _zstd_frame_length(blob: bytes) -> int | None:
+    """Bytes the zstd frame at the start of ``blob`` takes, from its header and block
+    headers (RFC 8878, section 3.1.1); None if they do not fit in ``blob``."""
+    if len(blob) < 6:
+        return None
+    descriptor = blob[4]
+    single_segment = descriptor >> 5 & 1
+    pos = 5 + (0 if single_segment else 1)  # the window descriptor
+    pos += (0, 1, 2, 4)[descriptor & 3]  # the dictionary id
+    pos += (single_segment, 2, 4, 8)[descriptor >> 6]  # the content size
+    while pos + 3 <= len(blob):
+        header = int.from_bytes(blob[pos : pos + 3], "little")
+        pos += 3 + (1 if header >> 1 & 3 == 1 else header >> 3)  # an RLE block holds 1 byte
+        if header & 1:  # the last block
+            pos += 4 * (descriptor >> 2 & 1)  # the checksum
+            return pos if pos <= len(blob) else None
+    return None
+
+
 def _zstd_frames(blob: bytes, max_size: int) -> bytes:
     """Every frame of ``blob`` in turn, skippable ones skipped, as desync (``DecodeAll``) and
     the zstd tool read a chunk (casync 2 refuses one of two frames: "Bad message"); never
@@ -95,9 +114,9 @@ def decompress(blob: bytes, max_size: int) -> bytes:
                 raise ValueError(f"zstd frame claims {declared} bytes, chunk is {max_size}")
             if declared <= 0:  # no size in the header (casync's chunks), or an empty frame
                 data = _zstd_decompressor().decompress(blob, max_output_size=max_size)
-                if len(data) == max_size:  # all the chunk: any frame after it is surplus
-                    return data
-                return _zstd_frames(blob, max_size)  # more frames may follow
+                if len(data) == max_size or _zstd_frame_length(blob) == len(blob):
+                    return data  # all the chunk, or the blob's only frame
+                return _zstd_frames(blob, max_size)  # more frames follow (or it is corrupt)
             try:  # one frame with its size, nothing after it (cafuse's, desync's chunks)
                 return _zstd_decompressor().decompress(
                     blob, max_output_size=max_size, allow_extra_data=False

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 
 MIN_IN_FLIGHT = 16  # never fewer (a local network, or nothing measured yet)
-SAMPLES = 64  # recent fetches the latency minimum and the average size come from
+SAMPLES = 64  # recent fetches the average size comes from (the base latency: BASE_WINDOW)
 MIN_WINDOW = 0.25  # seconds of deliveries the rate is measured over, at least
 GAIN = 2.0  # allowance in bandwidth-delay products while no queue has been seen
 PROBE_GAIN = 1.25  # ... while none is seen now, but one was in the last BASE_WINDOW
